@@ -1,0 +1,233 @@
+//! Plugin configuration: typed, strict (`deny_unknown_fields`), validated
+//! before the plugin accepts traffic. A bad configuration is refused with an
+//! error naming the field; the plugin never runs on silent defaults.
+
+use super::policy::PolicyKind;
+use super::sizing::SizingRule;
+use super::transcode::{ResizeFilter, TranscodeOptions};
+use serde::Deserialize;
+use std::fmt;
+
+/// The backend's sizing rule, as configured.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SizingConfig {
+    pub patch_size: u32,
+    pub merge_size: u32,
+    pub min_pixels: u64,
+    pub max_pixels: u64,
+}
+
+impl Default for SizingConfig {
+    fn default() -> Self {
+        let q = SizingRule::QWEN2_5_VL;
+        Self { patch_size: q.patch_size, merge_size: q.merge_size, min_pixels: q.min_pixels, max_pixels: q.max_pixels }
+    }
+}
+
+/// The plugin configuration (JSON). See README "Configuration".
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `vanilla`, `static` or `dynamic`.
+    pub policy: PolicyKind,
+    /// Per-image token budget of the `static` policy.
+    pub static_budget_tokens: u64,
+    /// No policy shrinks an image below this many tokens.
+    pub min_tokens_per_image: u64,
+    /// Images whose header claims more pixels are refused before decoding.
+    pub max_image_pixels: u64,
+    /// Largest request body the filter buffers and inspects.
+    pub max_body_bytes: u64,
+    /// Most images accepted in one request.
+    pub max_images_per_request: u64,
+    /// Quality of re-encoded JPEGs (1-100).
+    pub jpeg_quality: u64,
+    /// Resampling filter.
+    pub resize_filter: ResizeFilter,
+    /// On bad input, forward the original request instead of a 400.
+    pub fail_open: bool,
+    /// Request paths (exact, query string ignored) the filter acts on.
+    pub paths: Vec<String>,
+    /// The backend's image sizing rule.
+    pub sizing: SizingConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            policy: PolicyKind::Static,
+            static_budget_tokens: 4096,
+            min_tokens_per_image: 256,
+            max_image_pixels: 40_000_000,
+            max_body_bytes: 64 * 1024 * 1024,
+            max_images_per_request: 64,
+            jpeg_quality: 90,
+            resize_filter: ResizeFilter::CatmullRom,
+            fail_open: false,
+            paths: vec!["/v1/chat/completions".into()],
+            sizing: SizingConfig::default(),
+        }
+    }
+}
+
+/// A configuration the plugin refuses, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: field `{}`: {}", self.field, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn bad(field: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError { field: field.into(), message: message.into() }
+}
+
+/// Hard ceiling on `max_body_bytes`: a VM's linear memory is capped near
+/// 1 GiB and a rewrite holds the body about three times over.
+pub const MAX_BODY_BYTES_CEILING: u64 = 256 * 1024 * 1024;
+
+impl Config {
+    /// Parses and validates. Empty input means all defaults.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Self::default().validated();
+        }
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let field = if path == "." || path.is_empty() { "(root)".to_string() } else { path };
+            // Unknown fields are reported at their parent's path: name them.
+            let message = e.into_inner().to_string();
+            ConfigError { field, message }
+        })?;
+        cfg.validated()
+    }
+
+    /// Checks ranges and cross-field rules.
+    pub fn validated(self) -> Result<Self, ConfigError> {
+        let s = &self.sizing;
+        if !(1..=64).contains(&s.patch_size) {
+            return Err(bad("sizing.patch_size", "must be 1..=64"));
+        }
+        if !(1..=8).contains(&s.merge_size) {
+            return Err(bad("sizing.merge_size", "must be 1..=8"));
+        }
+        let rule = self.sizing_rule();
+        if s.min_pixels < rule.pixels_per_token() {
+            return Err(bad("sizing.min_pixels", format!("must be at least one token ({} px)", rule.pixels_per_token())));
+        }
+        if s.max_pixels < s.min_pixels {
+            return Err(bad("sizing.max_pixels", "must be >= sizing.min_pixels"));
+        }
+        if self.min_tokens_per_image < rule.min_tokens() || self.min_tokens_per_image > rule.max_tokens() {
+            return Err(bad(
+                "min_tokens_per_image",
+                format!("must be within the backend's {}..={} tokens", rule.min_tokens(), rule.max_tokens()),
+            ));
+        }
+        if self.static_budget_tokens < self.min_tokens_per_image || self.static_budget_tokens > rule.max_tokens() {
+            return Err(bad(
+                "static_budget_tokens",
+                format!("must be within min_tokens_per_image ({})..={}", self.min_tokens_per_image, rule.max_tokens()),
+            ));
+        }
+        if self.max_image_pixels < rule.pixels_per_token() {
+            return Err(bad("max_image_pixels", "must allow at least one visual token"));
+        }
+        if self.max_body_bytes == 0 || self.max_body_bytes > MAX_BODY_BYTES_CEILING {
+            return Err(bad("max_body_bytes", format!("must be 1..={MAX_BODY_BYTES_CEILING}")));
+        }
+        if self.max_images_per_request == 0 {
+            return Err(bad("max_images_per_request", "must be at least 1"));
+        }
+        if !(1..=100).contains(&self.jpeg_quality) {
+            return Err(bad("jpeg_quality", "must be 1..=100"));
+        }
+        if self.paths.is_empty() {
+            return Err(bad("paths", "must list at least one path"));
+        }
+        if let Some(p) = self.paths.iter().find(|p| !p.starts_with('/')) {
+            return Err(bad("paths", format!("`{p}` must start with '/'")));
+        }
+        if self.policy == PolicyKind::Dynamic {
+            return Err(bad("policy", "`dynamic` is not available in this build; use `vanilla` or `static`"));
+        }
+        Ok(self)
+    }
+
+    pub fn sizing_rule(&self) -> SizingRule {
+        SizingRule {
+            patch_size: self.sizing.patch_size,
+            merge_size: self.sizing.merge_size,
+            min_pixels: self.sizing.min_pixels,
+            max_pixels: self.sizing.max_pixels,
+        }
+    }
+
+    pub fn transcode_options(&self) -> TranscodeOptions {
+        TranscodeOptions {
+            // Validated to 1..=100.
+            jpeg_quality: u8::try_from(self.jpeg_quality).unwrap_or(90),
+            filter: self.resize_filter,
+            max_pixels: self.max_image_pixels,
+        }
+    }
+
+    /// Whether the filter acts on a request to `path` (query ignored).
+    pub fn matches_path(&self, path: &str) -> bool {
+        let path = path.split_once('?').map_or(path, |(p, _)| p);
+        self.paths.iter().any(|p| p == path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(json: &str) -> ConfigError {
+        match Config::from_json(json.as_bytes()) {
+            Err(e) => e,
+            Ok(c) => panic!("accepted {json}: {c:?}"),
+        }
+    }
+
+    #[test]
+    fn empty_and_full_configs() {
+        assert_eq!(Config::from_json(b""), Ok(Config::default()));
+        let c = Config::from_json(
+            br#"{"policy":"vanilla","static_budget_tokens":1024,"min_tokens_per_image":64,
+                "max_image_pixels":1000000,"max_body_bytes":1048576,"max_images_per_request":4,
+                "jpeg_quality":75,"resize_filter":"lanczos3","fail_open":true,"paths":["/a","/b"],
+                "sizing":{"patch_size":14,"merge_size":2,"min_pixels":3136,"max_pixels":1003520}}"#,
+        )
+        .expect("valid");
+        assert_eq!(c.policy, PolicyKind::Vanilla);
+        assert_eq!(c.sizing_rule().max_tokens(), 1280);
+        assert!(c.matches_path("/b?x=1") && !c.matches_path("/c"));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(err(r#"{"polcy":"static"}"#).field, "polcy");
+        assert!(err(r#"{"polcy":"static"}"#).message.contains("unknown field `polcy`"));
+        assert_eq!(err(r#"{"sizing":{"patch":1}}"#).field, "sizing.patch");
+        assert_eq!(err(r#"{"jpeg_quality":"high"}"#).field, "jpeg_quality");
+        assert_eq!(err(r#"{"jpeg_quality":101}"#).field, "jpeg_quality");
+        assert_eq!(err(r#"{"policy":"fast"}"#).field, "policy");
+        assert_eq!(err(r#"{"static_budget_tokens":100000}"#).field, "static_budget_tokens");
+        assert_eq!(err(r#"{"static_budget_tokens":100}"#).field, "static_budget_tokens");
+        assert_eq!(err(r#"{"paths":[]}"#).field, "paths");
+        assert_eq!(err(r#"{"paths":["v1"]}"#).field, "paths");
+        assert_eq!(err(r#"{"max_body_bytes":0}"#).field, "max_body_bytes");
+        assert_eq!(err(r#"{"sizing":{"max_pixels":10}}"#).field, "sizing.max_pixels");
+        assert_eq!(err(r#"not json"#).field, "(root)");
+    }
+}

@@ -1,0 +1,12 @@
+//! The pure core: no proxy-wasm, unit-tested natively.
+
+pub mod base64buf;
+pub mod config;
+pub mod datauri;
+pub mod error;
+pub mod pipeline;
+pub mod policy;
+pub mod probe;
+pub mod request;
+pub mod sizing;
+pub mod transcode;
