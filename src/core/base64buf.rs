@@ -57,14 +57,23 @@ impl<'a> Base64Payload<'a> {
     /// encoders) is tolerated by making a compact copy.
     pub fn new(text: &'a [u8]) -> Result<Self, Base64Error> {
         let text: Cow<'a, [u8]> = if text.iter().any(u8::is_ascii_whitespace) {
-            Cow::Owned(text.iter().copied().filter(|b| !b.is_ascii_whitespace()).collect())
+            Cow::Owned(
+                text.iter()
+                    .copied()
+                    .filter(|b| !b.is_ascii_whitespace())
+                    .collect(),
+            )
         } else {
             Cow::Borrowed(text)
         };
         let body_len = text.iter().rposition(|&b| b != b'=').map_or(0, |p| p + 1);
         let pad = text.len() - body_len;
         if let Some(at) = text[..body_len].iter().position(|&b| !is_b64(b)) {
-            return Err(if text[at] == b'=' { Base64Error::InvalidPadding } else { Base64Error::InvalidByte(at) });
+            return Err(if text[at] == b'=' {
+                Base64Error::InvalidPadding
+            } else {
+                Base64Error::InvalidByte(at)
+            });
         }
         if pad > 2 || (pad > 0 && text.len() % 4 != 0) {
             return Err(Base64Error::InvalidPadding);
@@ -143,11 +152,23 @@ mod tests {
         for cut in [1000, 999, 998] {
             let text = ENCODER.encode(&data[..cut]);
             for unpadded in [false, true] {
-                let t = if unpadded { text.trim_end_matches('=').to_string() } else { text.clone() };
+                let t = if unpadded {
+                    text.trim_end_matches('=').to_string()
+                } else {
+                    text.clone()
+                };
                 let p = Base64Payload::new(t.as_bytes()).expect("valid");
                 assert_eq!(p.decoded_len(), cut);
                 assert_eq!(p.decode().expect("decodes"), &data[..cut]);
-                for (off, len) in [(0, 1), (1, 5), (2, 3), (3, 30), (500, 499), (cut - 1, 10), (cut, 4)] {
+                for (off, len) in [
+                    (0, 1),
+                    (1, 5),
+                    (2, 3),
+                    (3, 30),
+                    (500, 499),
+                    (cut - 1, 10),
+                    (cut, 4),
+                ] {
                     let want = &data[off.min(cut)..(off + len).min(cut)];
                     assert_eq!(p.read_at(off, len), want, "off {off} len {len}");
                 }
@@ -157,10 +178,22 @@ mod tests {
 
     #[test]
     fn rejects_bad_payloads() {
-        assert_eq!(Base64Payload::new(b"ab$d").err(), Some(Base64Error::InvalidByte(2)));
-        assert_eq!(Base64Payload::new(b"abcde").err(), Some(Base64Error::InvalidLength(5)));
-        assert_eq!(Base64Payload::new(b"ab=d").err(), Some(Base64Error::InvalidPadding));
-        assert_eq!(Base64Payload::new(b"a===").err(), Some(Base64Error::InvalidPadding));
+        assert_eq!(
+            Base64Payload::new(b"ab$d").err(),
+            Some(Base64Error::InvalidByte(2))
+        );
+        assert_eq!(
+            Base64Payload::new(b"abcde").err(),
+            Some(Base64Error::InvalidLength(5))
+        );
+        assert_eq!(
+            Base64Payload::new(b"ab=d").err(),
+            Some(Base64Error::InvalidPadding)
+        );
+        assert_eq!(
+            Base64Payload::new(b"a===").err(),
+            Some(Base64Error::InvalidPadding)
+        );
         assert!(Base64Payload::new(b"QUJD\nREVG").is_ok());
     }
 

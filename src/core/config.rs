@@ -21,7 +21,12 @@ pub struct SizingConfig {
 impl Default for SizingConfig {
     fn default() -> Self {
         let q = SizingRule::QWEN2_5_VL;
-        Self { patch_size: q.patch_size, merge_size: q.merge_size, min_pixels: q.min_pixels, max_pixels: q.max_pixels }
+        Self {
+            patch_size: q.patch_size,
+            merge_size: q.merge_size,
+            min_pixels: q.min_pixels,
+            max_pixels: q.max_pixels,
+        }
     }
 }
 
@@ -80,14 +85,21 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid configuration: field `{}`: {}", self.field, self.message)
+        write!(
+            f,
+            "invalid configuration: field `{}`: {}",
+            self.field, self.message
+        )
     }
 }
 
 impl std::error::Error for ConfigError {}
 
 fn bad(field: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError { field: field.into(), message: message.into() }
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
 }
 
 /// Hard ceiling on `max_body_bytes`: a VM's linear memory is capped near
@@ -103,7 +115,11 @@ impl Config {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
         let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
-            let field = if path == "." || path.is_empty() { "(root)".to_string() } else { path };
+            let field = if path == "." || path.is_empty() {
+                "(root)".to_string()
+            } else {
+                path
+            };
             // Unknown fields are reported at their parent's path: name them.
             let message = e.into_inner().to_string();
             ConfigError { field, message }
@@ -122,7 +138,10 @@ impl Config {
         }
         let rule = self.sizing_rule();
         if s.min_pixels < rule.pixels_per_token() {
-            return Err(bad("sizing.min_pixels", format!("must be at least one token ({} px)", rule.pixels_per_token())));
+            return Err(bad(
+                "sizing.min_pixels",
+                format!("must be at least one token ({} px)", rule.pixels_per_token()),
+            ));
         }
         if s.max_pixels < s.min_pixels {
             return Err(bad("sizing.max_pixels", "must be >= sizing.min_pixels"));
@@ -130,20 +149,33 @@ impl Config {
         if self.min_tokens_per_image < rule.min_tokens() || self.min_tokens_per_image > rule.max_tokens() {
             return Err(bad(
                 "min_tokens_per_image",
-                format!("must be within the backend's {}..={} tokens", rule.min_tokens(), rule.max_tokens()),
+                format!(
+                    "must be within the backend's {}..={} tokens",
+                    rule.min_tokens(),
+                    rule.max_tokens()
+                ),
             ));
         }
-        if self.static_budget_tokens < self.min_tokens_per_image || self.static_budget_tokens > rule.max_tokens() {
+        if self.static_budget_tokens < self.min_tokens_per_image
+            || self.static_budget_tokens > rule.max_tokens()
+        {
             return Err(bad(
                 "static_budget_tokens",
-                format!("must be within min_tokens_per_image ({})..={}", self.min_tokens_per_image, rule.max_tokens()),
+                format!(
+                    "must be within min_tokens_per_image ({})..={}",
+                    self.min_tokens_per_image,
+                    rule.max_tokens()
+                ),
             ));
         }
         if self.max_image_pixels < rule.pixels_per_token() {
             return Err(bad("max_image_pixels", "must allow at least one visual token"));
         }
         if self.max_body_bytes == 0 || self.max_body_bytes > MAX_BODY_BYTES_CEILING {
-            return Err(bad("max_body_bytes", format!("must be 1..={MAX_BODY_BYTES_CEILING}")));
+            return Err(bad(
+                "max_body_bytes",
+                format!("must be 1..={MAX_BODY_BYTES_CEILING}"),
+            ));
         }
         if self.max_images_per_request == 0 {
             return Err(bad("max_images_per_request", "must be at least 1"));
@@ -158,7 +190,10 @@ impl Config {
             return Err(bad("paths", format!("`{p}` must start with '/'")));
         }
         if self.policy == PolicyKind::Dynamic {
-            return Err(bad("policy", "`dynamic` is not available in this build; use `vanilla` or `static`"));
+            return Err(bad(
+                "policy",
+                "`dynamic` is not available in this build; use `vanilla` or `static`",
+            ));
         }
         Ok(self)
     }
@@ -217,13 +252,21 @@ mod tests {
     #[test]
     fn errors_name_the_field() {
         assert_eq!(err(r#"{"polcy":"static"}"#).field, "polcy");
-        assert!(err(r#"{"polcy":"static"}"#).message.contains("unknown field `polcy`"));
+        assert!(err(r#"{"polcy":"static"}"#)
+            .message
+            .contains("unknown field `polcy`"));
         assert_eq!(err(r#"{"sizing":{"patch":1}}"#).field, "sizing.patch");
         assert_eq!(err(r#"{"jpeg_quality":"high"}"#).field, "jpeg_quality");
         assert_eq!(err(r#"{"jpeg_quality":101}"#).field, "jpeg_quality");
         assert_eq!(err(r#"{"policy":"fast"}"#).field, "policy");
-        assert_eq!(err(r#"{"static_budget_tokens":100000}"#).field, "static_budget_tokens");
-        assert_eq!(err(r#"{"static_budget_tokens":100}"#).field, "static_budget_tokens");
+        assert_eq!(
+            err(r#"{"static_budget_tokens":100000}"#).field,
+            "static_budget_tokens"
+        );
+        assert_eq!(
+            err(r#"{"static_budget_tokens":100}"#).field,
+            "static_budget_tokens"
+        );
         assert_eq!(err(r#"{"paths":[]}"#).field, "paths");
         assert_eq!(err(r#"{"paths":["v1"]}"#).field, "paths");
         assert_eq!(err(r#"{"max_body_bytes":0}"#).field, "max_body_bytes");

@@ -31,7 +31,10 @@ impl std::fmt::Display for DataUriError {
         match self {
             Self::Malformed(why) => write!(f, "malformed data URL: {why}"),
             Self::UnsupportedType(t) => {
-                write!(f, "unsupported image type `{t}` (only image/png and image/jpeg are supported)")
+                write!(
+                    f,
+                    "unsupported image type `{t}` (only image/png and image/jpeg are supported)"
+                )
             }
         }
     }
@@ -39,7 +42,9 @@ impl std::fmt::Display for DataUriError {
 
 /// Classifies an image URL.
 pub fn parse(url: &str) -> Result<ImageUrl<'_>, DataUriError> {
-    let Some(prefix) = url.get(..5) else { return Ok(ImageUrl::Remote) };
+    let Some(prefix) = url.get(..5) else {
+        return Ok(ImageUrl::Remote);
+    };
     if !prefix.eq_ignore_ascii_case("data:") {
         return Ok(ImageUrl::Remote);
     }
@@ -51,7 +56,9 @@ pub fn parse(url: &str) -> Result<ImageUrl<'_>, DataUriError> {
         return Err(DataUriError::Malformed("not base64-encoded"));
     }
     match mime.as_str() {
-        "image/png" | "image/jpeg" | "image/jpg" | "image/pjpeg" => Ok(ImageUrl::Data(DataUri { mime, payload })),
+        "image/png" | "image/jpeg" | "image/jpg" | "image/pjpeg" => {
+            Ok(ImageUrl::Data(DataUri { mime, payload }))
+        }
         _ => Err(DataUriError::UnsupportedType(mime)),
     }
 }
@@ -70,11 +77,29 @@ mod tests {
             ("DATA:Image/JPEG;base64,AAAA", "image/jpeg"),
             ("data:image/jpg;name=a.jpg;base64,AAAA", "image/jpg"),
         ] {
-            assert_eq!(parse(u), Ok(ImageUrl::Data(DataUri { mime: mime.into(), payload: "AAAA" })));
+            assert_eq!(
+                parse(u),
+                Ok(ImageUrl::Data(DataUri {
+                    mime: mime.into(),
+                    payload: "AAAA"
+                }))
+            );
         }
-        assert_eq!(parse("data:image/webp;base64,AAAA"), Err(DataUriError::UnsupportedType("image/webp".into())));
-        assert_eq!(parse("data:image/svg+xml;base64,AA"), Err(DataUriError::UnsupportedType("image/svg+xml".into())));
-        assert_eq!(parse("data:image/png,rawbytes"), Err(DataUriError::Malformed("not base64-encoded")));
-        assert_eq!(parse("data:image/png;base64"), Err(DataUriError::Malformed("no comma")));
+        assert_eq!(
+            parse("data:image/webp;base64,AAAA"),
+            Err(DataUriError::UnsupportedType("image/webp".into()))
+        );
+        assert_eq!(
+            parse("data:image/svg+xml;base64,AA"),
+            Err(DataUriError::UnsupportedType("image/svg+xml".into()))
+        );
+        assert_eq!(
+            parse("data:image/png,rawbytes"),
+            Err(DataUriError::Malformed("not base64-encoded"))
+        );
+        assert_eq!(
+            parse("data:image/png;base64"),
+            Err(DataUriError::Malformed("no comma"))
+        );
     }
 }

@@ -5,12 +5,21 @@ use std::fmt;
 /// Why a request is refused (or, with `fail_open`, forwarded unchanged).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FilterError {
-    BodyTooLarge { limit: u64 },
+    BodyTooLarge {
+        limit: u64,
+    },
     InvalidJson(String),
     InvalidRequest(String),
-    TooManyImages { count: usize, limit: u64 },
+    TooManyImages {
+        count: usize,
+        limit: u64,
+    },
     /// A problem with the image at `index` (document order, from 0).
-    Image { index: usize, kind: ImageErrorKind, detail: String },
+    Image {
+        index: usize,
+        kind: ImageErrorKind,
+        detail: String,
+    },
 }
 
 /// The kinds of image problems, each with its error code.
@@ -66,14 +75,21 @@ impl FilterError {
     /// HTTP status of the local reply.
     pub fn status(&self) -> u32 {
         match self {
-            Self::Image { kind: ImageErrorKind::ProcessingFailed, .. } => 500,
+            Self::Image {
+                kind: ImageErrorKind::ProcessingFailed,
+                ..
+            } => 500,
             _ => 400,
         }
     }
 
     /// `{"error": {"message", "type", "param", "code"}}`, as OpenAI and vLLM answer.
     pub fn to_json(&self) -> Vec<u8> {
-        let kind = if self.status() >= 500 { "server_error" } else { "invalid_request_error" };
+        let kind = if self.status() >= 500 {
+            "server_error"
+        } else {
+            "invalid_request_error"
+        };
         let param = match self {
             Self::Image { .. } | Self::TooManyImages { .. } => serde_json::Value::from("messages"),
             _ => serde_json::Value::Null,
@@ -107,7 +123,11 @@ mod tests {
 
     #[test]
     fn json_names_problem_and_index() {
-        let e = FilterError::Image { index: 3, kind: ImageErrorKind::InvalidBase64, detail: "bad byte".into() };
+        let e = FilterError::Image {
+            index: 3,
+            kind: ImageErrorKind::InvalidBase64,
+            detail: "bad byte".into(),
+        };
         let v: serde_json::Value = serde_json::from_slice(&e.to_json()).expect("json");
         assert_eq!(v["error"]["message"], "image 3: bad byte");
         assert_eq!(v["error"]["type"], "invalid_request_error");

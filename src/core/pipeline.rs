@@ -20,7 +20,12 @@ use std::ops::Range;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ImageAction {
     /// Shrunk from the original size to `to`.
-    Resized { format: ImageFormat, from: Dims, to: Dims, micros: u64 },
+    Resized {
+        format: ImageFormat,
+        from: Dims,
+        to: Dims,
+        micros: u64,
+    },
     /// Within budget (or no budget): forwarded byte for byte, not decoded.
     Passed { format: ImageFormat, size: Dims },
     /// A remote URL: left alone, never fetched.
@@ -57,7 +62,10 @@ impl Outcome {
         self.images.iter().map(|i| i.tokens_after).sum()
     }
     pub fn resized(&self) -> usize {
-        self.images.iter().filter(|i| matches!(i.action, ImageAction::Resized { .. })).count()
+        self.images
+            .iter()
+            .filter(|i| matches!(i.action, ImageAction::Resized { .. }))
+            .count()
     }
     pub fn transcode_micros(&self) -> u64 {
         self.images
@@ -78,7 +86,11 @@ struct Located<'a> {
 }
 
 fn image_err(index: usize, kind: ImageErrorKind, detail: impl ToString) -> FilterError {
-    FilterError::Image { index, kind, detail: detail.to_string() }
+    FilterError::Image {
+        index,
+        kind,
+        detail: detail.to_string(),
+    }
 }
 
 /// Processes one chat-completions body. `clock` returns microseconds.
@@ -89,14 +101,19 @@ pub fn process(
     clock: &dyn Fn() -> u64,
 ) -> Result<Outcome, FilterError> {
     if body.len() as u64 > cfg.max_body_bytes {
-        return Err(FilterError::BodyTooLarge { limit: cfg.max_body_bytes });
+        return Err(FilterError::BodyTooLarge {
+            limit: cfg.max_body_bytes,
+        });
     }
     let req = scan(body).map_err(|e| match e {
         RequestError::Json(e) => FilterError::InvalidJson(e),
         RequestError::Schema(e) => FilterError::InvalidRequest(e),
     })?;
     if req.images.len() as u64 > cfg.max_images_per_request {
-        return Err(FilterError::TooManyImages { count: req.images.len(), limit: cfg.max_images_per_request });
+        return Err(FilterError::TooManyImages {
+            count: req.images.len(),
+            limit: cfg.max_images_per_request,
+        });
     }
     let rule = cfg.sizing_rule();
     let mut located = Vec::with_capacity(req.images.len());
@@ -104,31 +121,59 @@ pub fn process(
         located.push(locate(index, site.span.clone(), &site.url, cfg)?);
     }
     let tokens: Vec<Option<u64>> = located.iter().map(|l| l.tokens).collect();
-    let budgets = policy.budgets(&PolicyInput { image_tokens: &tokens, text_bytes: req.text_bytes });
+    let budgets = policy.budgets(&PolicyInput {
+        image_tokens: &tokens,
+        text_bytes: req.text_bytes,
+    });
     let opts = cfg.transcode_options();
     let mut edits = Vec::new();
     let mut images = Vec::with_capacity(located.len());
     for (index, loc) in located.into_iter().enumerate() {
         let Some((payload, header)) = loc.data else {
-            images.push(ImageReport { action: ImageAction::Remote, tokens_before: 0, tokens_after: 0 });
+            images.push(ImageReport {
+                action: ImageAction::Remote,
+                tokens_before: 0,
+                tokens_after: 0,
+            });
             continue;
         };
         let size = Dims::new(header.width, header.height);
         let Some(before) = loc.tokens else {
-            images.push(ImageReport { action: ImageAction::Unsized { format: header.format, size }, tokens_before: 0, tokens_after: 0 });
+            images.push(ImageReport {
+                action: ImageAction::Unsized {
+                    format: header.format,
+                    size,
+                },
+                tokens_before: 0,
+                tokens_after: 0,
+            });
             continue;
         };
-        let budget = budgets.per_image.get(index).copied().flatten().map(|b| b.max(cfg.min_tokens_per_image));
+        let budget = budgets
+            .per_image
+            .get(index)
+            .copied()
+            .flatten()
+            .map(|b| b.max(cfg.min_tokens_per_image));
         let target = match budget {
             Some(b) => rule.fit_to_budget(header.width, header.height, b).ok().flatten(),
             None => None,
         };
         let Some(to) = target else {
-            images.push(ImageReport { action: ImageAction::Passed { format: header.format, size }, tokens_before: before, tokens_after: before });
+            images.push(ImageReport {
+                action: ImageAction::Passed {
+                    format: header.format,
+                    size,
+                },
+                tokens_before: before,
+                tokens_after: before,
+            });
             continue;
         };
         let started = clock();
-        let bytes = payload.decode().map_err(|e| image_err(index, ImageErrorKind::InvalidBase64, e))?;
+        let bytes = payload
+            .decode()
+            .map_err(|e| image_err(index, ImageErrorKind::InvalidBase64, e))?;
         let out = transcode(&bytes, &header, to, &opts).map_err(|e| match e {
             TranscodeError::Decode(_) => image_err(index, ImageErrorKind::Corrupt, e),
             _ => image_err(index, ImageErrorKind::ProcessingFailed, e),
@@ -143,26 +188,51 @@ pub fn process(
         edits.push((loc.span, url));
         let micros = clock().saturating_sub(started);
         images.push(ImageReport {
-            action: ImageAction::Resized { format: header.format, from: size, to, micros },
+            action: ImageAction::Resized {
+                format: header.format,
+                from: size,
+                to,
+                micros,
+            },
             tokens_before: before,
             tokens_after: rule.tokens_of(to),
         });
     }
     let body = (!edits.is_empty()).then(|| splice(body, &edits));
-    Ok(Outcome { body, images, policy: policy.kind(), budget_tokens: budgets.reported })
+    Ok(Outcome {
+        body,
+        images,
+        policy: policy.kind(),
+        budget_tokens: budgets.reported,
+    })
 }
 
-fn locate<'a>(index: usize, span: Range<usize>, url: &'a str, cfg: &Config) -> Result<Located<'a>, FilterError> {
+fn locate<'a>(
+    index: usize,
+    span: Range<usize>,
+    url: &'a str,
+    cfg: &Config,
+) -> Result<Located<'a>, FilterError> {
     let uri = match datauri::parse(url) {
-        Ok(ImageUrl::Remote) => return Ok(Located { span, data: None, tokens: None }),
+        Ok(ImageUrl::Remote) => {
+            return Ok(Located {
+                span,
+                data: None,
+                tokens: None,
+            })
+        }
         Ok(ImageUrl::Data(d)) => d,
-        Err(e @ DataUriError::UnsupportedType(_)) => return Err(image_err(index, ImageErrorKind::UnsupportedType, e)),
+        Err(e @ DataUriError::UnsupportedType(_)) => {
+            return Err(image_err(index, ImageErrorKind::UnsupportedType, e))
+        }
         Err(e) => return Err(image_err(index, ImageErrorKind::InvalidDataUri, e)),
     };
     let payload = Base64Payload::new(uri.payload.as_bytes())
         .map_err(|e| image_err(index, ImageErrorKind::InvalidBase64, e))?;
     let header = probe(&payload).map_err(|e| match e {
-        ProbeError::Unsupported(_) | ProbeError::Unknown => image_err(index, ImageErrorKind::UnsupportedType, e),
+        ProbeError::Unsupported(_) | ProbeError::Unknown => {
+            image_err(index, ImageErrorKind::UnsupportedType, e)
+        }
         ProbeError::Corrupt(_) => image_err(index, ImageErrorKind::Corrupt, e),
     })?;
     let pixels = u64::from(header.width) * u64::from(header.height);
@@ -170,11 +240,18 @@ fn locate<'a>(index: usize, span: Range<usize>, url: &'a str, cfg: &Config) -> R
         return Err(image_err(
             index,
             ImageErrorKind::TooManyPixels,
-            format!("{}x{} is {pixels} pixels, above the {}-pixel limit", header.width, header.height, cfg.max_image_pixels),
+            format!(
+                "{}x{} is {pixels} pixels, above the {}-pixel limit",
+                header.width, header.height, cfg.max_image_pixels
+            ),
         ));
     }
     let tokens = cfg.sizing_rule().tokens(header.width, header.height).ok();
-    Ok(Located { span, data: Some((payload, header)), tokens })
+    Ok(Located {
+        span,
+        data: Some((payload, header)),
+        tokens,
+    })
 }
 
 #[cfg(test)]
@@ -186,11 +263,24 @@ mod tests {
 
     fn image(w: u32, h: u32, format: ImageFormat) -> Vec<u8> {
         let data = (0..w * h * 3).map(|i| (i % 251) as u8).collect();
-        encode(&Pixels { width: w, height: h, layout: Layout::Rgb8, data }, format, 90).expect("encode")
+        encode(
+            &Pixels {
+                width: w,
+                height: h,
+                layout: Layout::Rgb8,
+                data,
+            },
+            format,
+            90,
+        )
+        .expect("encode")
     }
 
     fn data_url(bytes: &[u8], mime: &str) -> String {
-        format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+        format!(
+            "data:{mime};base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
     }
 
     fn body(urls: &[String]) -> String {
@@ -210,7 +300,10 @@ mod tests {
 
     #[test]
     fn resizes_over_budget_and_passes_the_rest() {
-        let cfg = Config { static_budget_tokens: 256, ..Config::default() };
+        let cfg = Config {
+            static_budget_tokens: 256,
+            ..Config::default()
+        };
         let big = data_url(&image(1000, 600, ImageFormat::Png), "image/png");
         let small = data_url(&image(200, 200, ImageFormat::Jpeg), "image/jpeg");
         let b = body(&[big.clone(), small.clone(), "https://example.com/x.png".into()]);
@@ -219,35 +312,61 @@ mod tests {
         let new = String::from_utf8(out.body.clone().expect("rewritten")).expect("utf8");
         // The small image and every other byte are untouched.
         assert!(new.contains(&small));
-        assert_eq!(new.replace(&new[new.find("data:image/png").unwrap_or(0)..new.find("\",\"detail\"").unwrap_or(0)], "X"),
-                   b.replace(&big, "X"));
+        assert_eq!(
+            new.replace(
+                &new[new.find("data:image/png").unwrap_or(0)..new.find("\",\"detail\"").unwrap_or(0)],
+                "X"
+            ),
+            b.replace(&big, "X")
+        );
         let v: serde_json::Value = serde_json::from_str(&new).expect("json");
-        let url = v["messages"][0]["content"][1]["image_url"]["url"].as_str().unwrap_or_default();
+        let url = v["messages"][0]["content"][1]["image_url"]["url"]
+            .as_str()
+            .unwrap_or_default();
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(url.trim_start_matches("data:image/png;base64,"))
             .expect("b64");
         let h = probe(bytes.as_slice()).expect("png");
         let rule = cfg.sizing_rule();
-        assert_eq!(Some(Dims::new(h.width, h.height)), rule.fit_to_budget(1000, 600, 256).ok().flatten());
+        assert_eq!(
+            Some(Dims::new(h.width, h.height)),
+            rule.fit_to_budget(1000, 600, 256).ok().flatten()
+        );
         assert!(rule.tokens(h.width, h.height).unwrap_or(0) <= 256);
-        assert_eq!(out.images[0].tokens_after, rule.tokens(h.width, h.height).unwrap_or(0));
+        assert_eq!(
+            out.images[0].tokens_after,
+            rule.tokens(h.width, h.height).unwrap_or(0)
+        );
         assert_eq!(out.images[2].action, ImageAction::Remote);
-        assert_eq!(out.tokens_before(), rule.tokens(1000, 600).unwrap_or(0) + rule.tokens(200, 200).unwrap_or(0));
+        assert_eq!(
+            out.tokens_before(),
+            rule.tokens(1000, 600).unwrap_or(0) + rule.tokens(200, 200).unwrap_or(0)
+        );
     }
 
     #[test]
     fn vanilla_reports_but_never_rewrites() {
-        let cfg = Config { policy: PolicyKind::Vanilla, ..Config::default() };
+        let cfg = Config {
+            policy: PolicyKind::Vanilla,
+            ..Config::default()
+        };
         let big = data_url(&image(3000, 2000, ImageFormat::Jpeg), "image/jpeg");
         let out = run(&body(&[big]), &cfg).expect("process");
         assert_eq!(out.body, None);
         assert_eq!(out.tokens_before(), out.tokens_after());
-        assert_eq!(out.tokens_before(), cfg.sizing_rule().tokens(3000, 2000).unwrap_or(0));
+        assert_eq!(
+            out.tokens_before(),
+            cfg.sizing_rule().tokens(3000, 2000).unwrap_or(0)
+        );
     }
 
     #[test]
     fn bad_inputs_name_the_image() {
-        let cfg = Config { static_budget_tokens: 256, max_image_pixels: 5_000_000, ..Config::default() };
+        let cfg = Config {
+            static_budget_tokens: 256,
+            max_image_pixels: 5_000_000,
+            ..Config::default()
+        };
         let png = image(1000, 600, ImageFormat::Png);
         let good = data_url(&png, "image/png");
         let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
@@ -255,10 +374,16 @@ mod tests {
         let mut huge = png[..33].to_vec();
         huge[16..24].copy_from_slice(&[0, 1, 0x86, 0xA0, 0, 1, 0x86, 0xA0]);
         let cases: Vec<(String, &str)> = vec![
-            (format!("data:image/png;base64,{}", &b64[..b64.len() - 1]), "invalid_base64"),
+            (
+                format!("data:image/png;base64,{}", &b64[..b64.len() - 1]),
+                "invalid_base64",
+            ),
             ("data:image/png;base64,@@@@".into(), "invalid_base64"),
             ("data:image/webp;base64,AAAA".into(), "unsupported_image_type"),
-            (data_url(b"GIF89a\x01\x00\x01\x00", "image/png"), "unsupported_image_type"),
+            (
+                data_url(b"GIF89a\x01\x00\x01\x00", "image/png"),
+                "unsupported_image_type",
+            ),
             (truncated_png, "corrupt_image"),
             (data_url(&huge, "image/png"), "image_too_large"),
             ("data:image/png,notbase64".into(), "invalid_image_url"),
@@ -271,16 +396,32 @@ mod tests {
         let e = run("{\"messages\":", &cfg).expect_err("json");
         assert_eq!(e.code(), "invalid_json");
         let many: Vec<String> = (0..65).map(|_| "https://x/y.png".to_string()).collect();
-        assert_eq!(run(&body(&many), &cfg).expect_err("many").code(), "too_many_images");
-        let small = Config { max_body_bytes: 10, ..cfg };
+        assert_eq!(
+            run(&body(&many), &cfg).expect_err("many").code(),
+            "too_many_images"
+        );
+        let small = Config {
+            max_body_bytes: 10,
+            ..cfg
+        };
         assert_eq!(run(&body(&[]), &small).expect_err("big").code(), "body_too_large");
     }
 
     #[test]
     fn min_tokens_clamp_applies() {
-        let cfg = Config { min_tokens_per_image: 512, static_budget_tokens: 512, ..Config::default() };
+        let cfg = Config {
+            min_tokens_per_image: 512,
+            static_budget_tokens: 512,
+            ..Config::default()
+        };
         let big = data_url(&image(2000, 2000, ImageFormat::Jpeg), "image/jpeg");
-        let out = process(body(&[big]).as_bytes(), &cfg, &Static { tokens_per_image: 10 }, &|| 0).expect("ok");
+        let out = process(
+            body(&[big]).as_bytes(),
+            &cfg,
+            &Static { tokens_per_image: 10 },
+            &|| 0,
+        )
+        .expect("ok");
         assert!(out.images[0].tokens_after > 400 && out.images[0].tokens_after <= 512);
     }
 }

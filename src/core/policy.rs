@@ -66,7 +66,10 @@ impl BudgetPolicy for Vanilla {
         PolicyKind::Vanilla
     }
     fn budgets(&self, input: &PolicyInput<'_>) -> Budgets {
-        Budgets { per_image: vec![None; input.image_tokens.len()], reported: self.backend_max_tokens }
+        Budgets {
+            per_image: vec![None; input.image_tokens.len()],
+            reported: self.backend_max_tokens,
+        }
     }
 }
 
@@ -91,10 +94,14 @@ impl BudgetPolicy for Static {
 /// Builds the configured policy.
 pub fn from_config(cfg: &Config) -> Box<dyn BudgetPolicy> {
     match cfg.policy {
-        PolicyKind::Vanilla => Box::new(Vanilla { backend_max_tokens: cfg.sizing_rule().max_tokens() }),
+        PolicyKind::Vanilla => Box::new(Vanilla {
+            backend_max_tokens: cfg.sizing_rule().max_tokens(),
+        }),
         // `dynamic` is refused by validation until it is implemented; static
         // is the safe stand-in should an unvalidated config reach here.
-        PolicyKind::Static | PolicyKind::Dynamic => Box::new(Static { tokens_per_image: cfg.static_budget_tokens }),
+        PolicyKind::Static | PolicyKind::Dynamic => Box::new(Static {
+            tokens_per_image: cfg.static_budget_tokens,
+        }),
     }
 }
 
@@ -105,11 +112,20 @@ mod tests {
     #[test]
     fn static_and_vanilla() {
         let tokens = [Some(10_000), None, Some(100)];
-        let input = PolicyInput { image_tokens: &tokens, text_bytes: 0 };
-        let s = Static { tokens_per_image: 4096 }.budgets(&input);
+        let input = PolicyInput {
+            image_tokens: &tokens,
+            text_bytes: 0,
+        };
+        let s = Static {
+            tokens_per_image: 4096,
+        }
+        .budgets(&input);
         assert_eq!(s.per_image, vec![Some(4096); 3]);
         assert_eq!(s.reported, 4096);
-        let v = Vanilla { backend_max_tokens: 16_384 }.budgets(&input);
+        let v = Vanilla {
+            backend_max_tokens: 16_384,
+        }
+        .budgets(&input);
         assert_eq!(v.per_image, vec![None; 3]);
         assert_eq!(v.reported, 16_384);
     }

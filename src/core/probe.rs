@@ -57,7 +57,10 @@ pub enum ProbeError {
 impl fmt::Display for ProbeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Unsupported(kind) => write!(f, "unsupported image type {kind} (only PNG and JPEG are supported)"),
+            Self::Unsupported(kind) => write!(
+                f,
+                "unsupported image type {kind} (only PNG and JPEG are supported)"
+            ),
             Self::Unknown => f.write_str("data is not a PNG or JPEG image"),
             Self::Corrupt(why) => write!(f, "corrupt image header: {why}"),
         }
@@ -134,7 +137,12 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
 }
 
 fn be32(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_be_bytes([*b.get(at)?, *b.get(at + 1)?, *b.get(at + 2)?, *b.get(at + 3)?]))
+    Some(u32::from_be_bytes([
+        *b.get(at)?,
+        *b.get(at + 1)?,
+        *b.get(at + 2)?,
+        *b.get(at + 3)?,
+    ]))
 }
 
 fn probe_png<S: ByteSource + ?Sized>(src: &S) -> Result<ImageHeader, ProbeError> {
@@ -149,7 +157,13 @@ fn probe_png<S: ByteSource + ?Sized>(src: &S) -> Result<ImageHeader, ProbeError>
     };
     let bit_depth = *b.get(24).ok_or(ProbeError::Corrupt("PNG header is truncated"))?;
     let color = *b.get(25).ok_or(ProbeError::Corrupt("PNG header is truncated"))?;
-    Ok(ImageHeader { format: ImageFormat::Png, width, height, color, bit_depth })
+    Ok(ImageHeader {
+        format: ImageFormat::Png,
+        width,
+        height,
+        color,
+        bit_depth,
+    })
 }
 
 fn is_sof(marker: u8) -> bool {
@@ -209,7 +223,9 @@ fn probe_jpeg<S: ByteSource + ?Sized>(src: &S) -> Result<ImageHeader, ProbeError
             return Err(truncated);
         }
     }
-    Err(ProbeError::Corrupt("JPEG has too many segments before its frame header"))
+    Err(ProbeError::Corrupt(
+        "JPEG has too many segments before its frame header",
+    ))
 }
 
 #[cfg(test)]
@@ -233,7 +249,10 @@ mod tests {
         // ~786 KB of APPn segments before SOF2, as in real camera files.
         let bytes = jpeg_with_app_segments(12, 65_000);
         let h = probe(bytes.as_slice()).expect("probe");
-        assert_eq!((h.format, h.width, h.height, h.color), (ImageFormat::Jpeg, 3840, 2400, 3));
+        assert_eq!(
+            (h.format, h.width, h.height, h.color),
+            (ImageFormat::Jpeg, 3840, 2400, 3)
+        );
         // The same through a base64 payload read in place.
         let text = base64::Engine::encode(&super::super::base64buf::ENCODER, &bytes);
         let p = Base64Payload::new(text.as_bytes()).expect("b64");
@@ -243,12 +262,24 @@ mod tests {
     #[test]
     fn truncated_and_foreign_inputs() {
         let bytes = jpeg_with_app_segments(2, 1000);
-        assert_eq!(probe(&bytes[..1500]), Err(ProbeError::Corrupt("JPEG ends before its frame header")));
+        assert_eq!(
+            probe(&bytes[..1500]),
+            Err(ProbeError::Corrupt("JPEG ends before its frame header"))
+        );
         assert_eq!(probe(&b"GIF89a......"[..]), Err(ProbeError::Unsupported("gif")));
-        assert_eq!(probe(&b"RIFF\0\0\0\0WEBPVP8 "[..]), Err(ProbeError::Unsupported("webp")));
-        assert_eq!(probe(&b"<svg xmlns='x'>"[..]), Err(ProbeError::Unsupported("svg")));
+        assert_eq!(
+            probe(&b"RIFF\0\0\0\0WEBPVP8 "[..]),
+            Err(ProbeError::Unsupported("webp"))
+        );
+        assert_eq!(
+            probe(&b"<svg xmlns='x'>"[..]),
+            Err(ProbeError::Unsupported("svg"))
+        );
         assert_eq!(probe(&b"hello world"[..]), Err(ProbeError::Unknown));
-        assert_eq!(probe(PNG_SIG), Err(ProbeError::Corrupt("PNG does not start with IHDR")));
+        assert_eq!(
+            probe(PNG_SIG),
+            Err(ProbeError::Corrupt("PNG does not start with IHDR"))
+        );
     }
 
     #[test]
@@ -260,6 +291,9 @@ mod tests {
         b.extend_from_slice(&100_000u32.to_be_bytes());
         b.extend_from_slice(&[8, 6, 0, 0, 0]);
         let h = probe(b.as_slice()).expect("probe");
-        assert_eq!((h.width, h.height, h.color, h.bit_depth), (100_000, 100_000, 6, 8));
+        assert_eq!(
+            (h.width, h.height, h.color, h.bit_depth),
+            (100_000, 100_000, 6, 8)
+        );
     }
 }

@@ -117,14 +117,22 @@ fn schema(msg: String) -> RequestError {
 
 fn object<'a>(raw: &'a RawValue, what: &dyn Fn() -> String) -> Result<Members<'a>, RequestError> {
     if kind_of(raw) != "object" {
-        return Err(schema(format!("{} must be an object, not {}", what(), kind_of(raw))));
+        return Err(schema(format!(
+            "{} must be an object, not {}",
+            what(),
+            kind_of(raw)
+        )));
     }
     serde_json::from_str(raw.get()).map_err(|e| RequestError::Json(e.to_string()))
 }
 
 fn array<'a>(raw: &'a RawValue, what: &dyn Fn() -> String) -> Result<Vec<&'a RawValue>, RequestError> {
     if kind_of(raw) != "array" {
-        return Err(schema(format!("{} must be an array, not {}", what(), kind_of(raw))));
+        return Err(schema(format!(
+            "{} must be an array, not {}",
+            what(),
+            kind_of(raw)
+        )));
     }
     serde_json::from_str(raw.get()).map_err(|e| RequestError::Json(e.to_string()))
 }
@@ -132,11 +140,17 @@ fn array<'a>(raw: &'a RawValue, what: &dyn Fn() -> String) -> Result<Vec<&'a Raw
 fn string<'a>(raw: &'a RawValue, what: &dyn Fn() -> String) -> Result<Cow<'a, str>, RequestError> {
     let text = raw.get();
     if kind_of(raw) != "string" {
-        return Err(schema(format!("{} must be a string, not {}", what(), kind_of(raw))));
+        return Err(schema(format!(
+            "{} must be a string, not {}",
+            what(),
+            kind_of(raw)
+        )));
     }
     let inner = &text[1..text.len() - 1];
     if inner.contains('\\') {
-        serde_json::from_str::<String>(text).map(Cow::Owned).map_err(|e| RequestError::Json(e.to_string()))
+        serde_json::from_str::<String>(text)
+            .map(Cow::Owned)
+            .map_err(|e| RequestError::Json(e.to_string()))
     } else {
         Ok(Cow::Borrowed(inner))
     }
@@ -160,7 +174,9 @@ pub fn scan(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> {
     let mut req = ChatRequest::default();
     for (m, message) in messages.iter().enumerate() {
         let message = object(message, &|| format!("messages[{m}]"))?;
-        let Some(content) = message.get("content") else { continue };
+        let Some(content) = message.get("content") else {
+            continue;
+        };
         match kind_of(content) {
             "string" => req.text_bytes += content.get().len().saturating_sub(2),
             "null" => {}
@@ -206,7 +222,10 @@ fn scan_part<'a>(
                 iu
             };
             let url = string(url_raw, &|| format!("{}.image_url.url", where_()))?;
-            req.images.push(ImageSite { span: span_in(body, url_raw), url });
+            req.images.push(ImageSite {
+                span: span_in(body, url_raw),
+                url,
+            });
         }
         "text" => {
             if let Some(t) = part.get("text") {
@@ -249,7 +268,10 @@ mod tests {
         let req = scan(BODY.as_bytes()).expect("scan");
         assert_eq!(req.images.len(), 2);
         assert_eq!(req.images[0].url, "data:image/png;base64,AAAA");
-        assert_eq!(&BODY[req.images[0].span.clone()], "\"data:image/png;base64,AAAA\"");
+        assert_eq!(
+            &BODY[req.images[0].span.clone()],
+            "\"data:image/png;base64,AAAA\""
+        );
         assert_eq!(req.images[1].url, "https://example.com/a.jpg");
         assert_eq!(req.text_bytes, "be brief".len() + "what?".len());
     }
@@ -257,9 +279,15 @@ mod tests {
     #[test]
     fn splice_keeps_every_other_byte() {
         let req = scan(BODY.as_bytes()).expect("scan");
-        let edits = vec![(req.images[0].span.clone(), b"\"data:image/png;base64,BBBB\"".to_vec())];
+        let edits = vec![(
+            req.images[0].span.clone(),
+            b"\"data:image/png;base64,BBBB\"".to_vec(),
+        )];
         let out = splice(BODY.as_bytes(), &edits);
-        assert_eq!(String::from_utf8(out).expect("utf8"), BODY.replace("AAAA", "BBBB"));
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            BODY.replace("AAAA", "BBBB")
+        );
     }
 
     #[test]
@@ -267,24 +295,52 @@ mod tests {
         let cases = [
             (r#"[1]"#, "the request body must be an object, not array"),
             (r#"{"model":"x"}"#, "`messages` is required"),
-            (r#"{"messages":{"a":1}}"#, "`messages` must be an array, not object"),
-            (r#"{"messages":[{"content":[{"type":"image_url"}]}]}"#, "messages[0].content[0].image_url is required"),
-            (r#"{"messages":[{"content":[{"type":"image_url","image_url":{"url":5}}]}]}"#, "messages[0].content[0].image_url.url must be a string, not number"),
-            (r#"{"messages":[{"content":7}]}"#, "messages[0].content must be a string or an array, not number"),
+            (
+                r#"{"messages":{"a":1}}"#,
+                "`messages` must be an array, not object",
+            ),
+            (
+                r#"{"messages":[{"content":[{"type":"image_url"}]}]}"#,
+                "messages[0].content[0].image_url is required",
+            ),
+            (
+                r#"{"messages":[{"content":[{"type":"image_url","image_url":{"url":5}}]}]}"#,
+                "messages[0].content[0].image_url.url must be a string, not number",
+            ),
+            (
+                r#"{"messages":[{"content":7}]}"#,
+                "messages[0].content must be a string or an array, not number",
+            ),
         ];
         for (body, want) in cases {
-            assert_eq!(scan(body.as_bytes()), Err(RequestError::Schema(want.into())), "{body}");
+            assert_eq!(
+                scan(body.as_bytes()),
+                Err(RequestError::Schema(want.into())),
+                "{body}"
+            );
         }
     }
 
     #[test]
     fn json_errors() {
         assert!(matches!(scan(b"{\"messages\": [}"), Err(RequestError::Json(_))));
-        assert!(matches!(scan(b"{\"messages\": [\"\xff\"]}"), Err(RequestError::Json(_))));
+        assert!(matches!(
+            scan(b"{\"messages\": [\"\xff\"]}"),
+            Err(RequestError::Json(_))
+        ));
         // Deep nesting is skipped over without recursion: no stack overflow.
         let deep = format!("{{\"messages\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
-        assert_eq!(scan(deep.as_bytes()), Err(RequestError::Schema("messages[0] must be an object, not array".into())));
-        let deep = format!("{{\"messages\":[{{\"x\":{}1{}}}]}}", "{\"a\":".repeat(10_000), "}".repeat(10_000));
+        assert_eq!(
+            scan(deep.as_bytes()),
+            Err(RequestError::Schema(
+                "messages[0] must be an object, not array".into()
+            ))
+        );
+        let deep = format!(
+            "{{\"messages\":[{{\"x\":{}1{}}}]}}",
+            "{\"a\":".repeat(10_000),
+            "}".repeat(10_000)
+        );
         assert_eq!(scan(deep.as_bytes()).map(|r| r.images.len()), Ok(0));
     }
 

@@ -42,7 +42,11 @@ pub enum SizingError {
 impl fmt::Display for SizingError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::TooSmall { width, height, factor } => {
+            Self::TooSmall {
+                width,
+                height,
+                factor,
+            } => {
                 write!(f, "image {width}x{height} has a side shorter than {factor} px")
             }
             Self::AspectRatio { width, height } => write!(
@@ -128,12 +132,7 @@ impl SizingRule {
     /// unchanged). Otherwise the returned size is a fixed point of the rule,
     /// never larger than the original on either side, and has at most
     /// `budget` tokens (at least one token per side).
-    pub fn fit_to_budget(
-        &self,
-        width: u32,
-        height: u32,
-        budget: u64,
-    ) -> Result<Option<Dims>, SizingError> {
+    pub fn fit_to_budget(&self, width: u32, height: u32, budget: u64) -> Result<Option<Dims>, SizingError> {
         let current = self.smart_resize(width, height)?;
         if self.tokens_of(current) <= budget {
             return Ok(None);
@@ -181,7 +180,11 @@ pub fn smart_resize(
     max_pixels: u64,
 ) -> Result<Dims, SizingError> {
     if width < factor || height < factor {
-        return Err(SizingError::TooSmall { width, height, factor });
+        return Err(SizingError::TooSmall {
+            width,
+            height,
+            factor,
+        });
     }
     let (w, h, f) = (f64::from(width), f64::from(height), f64::from(factor));
     if w.max(h) / w.min(h) > MAX_ASPECT_RATIO {
@@ -248,25 +251,50 @@ mod tests {
         assert!(cases.len() > 5000);
         for c in cases {
             let num = |k: &str| c[k].as_u64().unwrap_or(0);
-            let rule = SizingRule { min_pixels: num("min_pixels"), max_pixels: num("max_pixels"), ..Q };
+            let rule = SizingRule {
+                min_pixels: num("min_pixels"),
+                max_pixels: num("max_pixels"),
+                ..Q
+            };
             let (w, h) = (num("w") as u32, num("h") as u32);
-            let got = rule.smart_resize(w, h).ok().map(|d| (u64::from(d.width), u64::from(d.height)));
-            let want = c["out"].as_array().map(|a| (a[0].as_u64().unwrap_or(0), a[1].as_u64().unwrap_or(0)));
-            assert_eq!(got, want, "{w}x{h} bounds {}..{}", rule.min_pixels, rule.max_pixels);
+            let got = rule
+                .smart_resize(w, h)
+                .ok()
+                .map(|d| (u64::from(d.width), u64::from(d.height)));
+            let want = c["out"]
+                .as_array()
+                .map(|a| (a[0].as_u64().unwrap_or(0), a[1].as_u64().unwrap_or(0)));
+            assert_eq!(
+                got, want,
+                "{w}x{h} bounds {}..{}",
+                rule.min_pixels, rule.max_pixels
+            );
         }
     }
 
     #[test]
     fn ties_round_half_to_even() {
         // 70/28 = 2.5 -> 2 ; 98/28 = 3.5 -> 4 ; 154/28 = 5.5 -> 6 ; 126/28 = 4.5 -> 4
-        assert_eq!(Q.smart_resize(70, 154).map(|d| (d.width, d.height)), Ok((56, 168)));
-        assert_eq!(Q.smart_resize(126, 98).map(|d| (d.width, d.height)), Ok((112, 112)));
+        assert_eq!(
+            Q.smart_resize(70, 154).map(|d| (d.width, d.height)),
+            Ok((56, 168))
+        );
+        assert_eq!(
+            Q.smart_resize(126, 98).map(|d| (d.width, d.height)),
+            Ok((112, 112))
+        );
     }
 
     #[test]
     fn rejects_what_the_backend_rejects() {
-        assert!(matches!(Q.smart_resize(27, 500), Err(SizingError::TooSmall { .. })));
-        assert!(matches!(Q.smart_resize(28, 5601), Err(SizingError::AspectRatio { .. })));
+        assert!(matches!(
+            Q.smart_resize(27, 500),
+            Err(SizingError::TooSmall { .. })
+        ));
+        assert!(matches!(
+            Q.smart_resize(28, 5601),
+            Err(SizingError::AspectRatio { .. })
+        ));
     }
 
     #[test]
@@ -274,7 +302,10 @@ mod tests {
         let d = Q.smart_resize(10_000, 10_000).unwrap_or(Dims::new(0, 0));
         assert!(d.pixels() <= Q.max_pixels);
         assert_eq!(Q.tokens_of(d), 127 * 127);
-        let small = SizingRule { min_pixels: 100_000, ..Q };
+        let small = SizingRule {
+            min_pixels: 100_000,
+            ..Q
+        };
         let d = small.smart_resize(100, 100).unwrap_or(Dims::new(0, 0));
         assert!(d.pixels() >= 100_000);
         assert_eq!((d.width % 28, d.height % 28), (0, 0));
@@ -283,8 +314,17 @@ mod tests {
     #[test]
     fn fit_to_budget_gives_fixed_points_within_budget() {
         let sizes = [
-            (3840, 2400), (2400, 3840), (1920, 1080), (5000, 29), (29, 5000), (99, 98),
-            (4096, 4096), (12345, 678), (640, 480), (1000, 1001), (3000, 50),
+            (3840, 2400),
+            (2400, 3840),
+            (1920, 1080),
+            (5000, 29),
+            (29, 5000),
+            (99, 98),
+            (4096, 4096),
+            (12345, 678),
+            (640, 480),
+            (1000, 1001),
+            (3000, 50),
         ];
         for &(w, h) in &sizes {
             for budget in [4, 16, 64, 255, 256, 1024, 1280, 4096, 9999] {
@@ -294,8 +334,14 @@ mod tests {
                     Ok(Some(d)) => {
                         assert!(before > budget);
                         assert!(Q.is_fixed_point(d), "{w}x{h} b={budget} -> {d:?}");
-                        assert!(Q.tokens_of(d) <= budget.max(Q.min_tokens()), "{w}x{h} b={budget} -> {d:?}");
-                        assert!(d.width <= w.max(28) && d.height <= h.max(28), "upscaled {w}x{h} -> {d:?}");
+                        assert!(
+                            Q.tokens_of(d) <= budget.max(Q.min_tokens()),
+                            "{w}x{h} b={budget} -> {d:?}"
+                        );
+                        assert!(
+                            d.width <= w.max(28) && d.height <= h.max(28),
+                            "upscaled {w}x{h} -> {d:?}"
+                        );
                     }
                     Err(e) => panic!("{w}x{h}: {e}"),
                 }
@@ -306,7 +352,11 @@ mod tests {
     #[test]
     fn fit_to_budget_is_tight_for_photos() {
         // A 3840x2400 photo at 4096 tokens keeps most of the budget.
-        let d = Q.fit_to_budget(3840, 2400, 4096).ok().flatten().unwrap_or(Dims::new(0, 0));
+        let d = Q
+            .fit_to_budget(3840, 2400, 4096)
+            .ok()
+            .flatten()
+            .unwrap_or(Dims::new(0, 0));
         let t = Q.tokens_of(d);
         assert!((3900..=4096).contains(&t), "{d:?} -> {t}");
         let ratio = f64::from(d.width) / f64::from(d.height);

@@ -94,7 +94,8 @@ pub struct Pixels {
 
 fn zeroed(len: usize) -> Result<Vec<u8>, TranscodeError> {
     let mut v = Vec::new();
-    v.try_reserve_exact(len).map_err(|_| TranscodeError::OutOfMemory(len))?;
+    v.try_reserve_exact(len)
+        .map_err(|_| TranscodeError::OutOfMemory(len))?;
     v.resize(len, 0);
     Ok(v)
 }
@@ -120,7 +121,9 @@ pub fn decode(
 
 fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<Pixels, TranscodeError> {
     let err = |e: png::DecodingError| TranscodeError::Decode(format!("png: {e}"));
-    let limits = png::Limits { bytes: decoded_bytes_limit(max_pixels).saturating_mul(2) };
+    let limits = png::Limits {
+        bytes: decoded_bytes_limit(max_pixels).saturating_mul(2),
+    };
     let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), limits);
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info().map_err(err)?;
@@ -139,7 +142,12 @@ fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<Pixels, TranscodeError> {
             return Err(TranscodeError::Decode("png: palette was not expanded".into()))
         }
     };
-    Ok(Pixels { width: frame.width, height: frame.height, layout, data })
+    Ok(Pixels {
+        width: frame.width,
+        height: frame.height,
+        layout,
+        data,
+    })
 }
 
 fn decode_jpeg(bytes: &[u8], target: Option<Dims>, max_pixels: u64) -> Result<Pixels, TranscodeError> {
@@ -168,7 +176,12 @@ fn decode_jpeg(bytes: &[u8], target: Option<Dims>, max_pixels: u64) -> Result<Pi
     if data.len() < expected {
         return Err(TranscodeError::Decode("jpeg: short pixel data".into()));
     }
-    Ok(Pixels { width, height, layout, data })
+    Ok(Pixels {
+        width,
+        height,
+        layout,
+        data,
+    })
 }
 
 /// Adobe CMYK as jpeg-decoder returns it (inverted) to RGB.
@@ -192,8 +205,8 @@ pub fn resize(src: Pixels, to: Dims, filter: ResizeFilter) -> Result<Pixels, Tra
     }
     let err = |e: &dyn fmt::Display| TranscodeError::Encode(format!("resize: {e}"));
     let pixel_type = src.layout.fir();
-    let src_img = fir::images::Image::from_vec_u8(src.width, src.height, src.data, pixel_type)
-        .map_err(|e| err(&e))?;
+    let src_img =
+        fir::images::Image::from_vec_u8(src.width, src.height, src.data, pixel_type).map_err(|e| err(&e))?;
     let mut dst = fir::images::Image::new(to.width, to.height, pixel_type);
     let alg = match filter {
         ResizeFilter::CatmullRom => fir::ResizeAlg::Convolution(fir::FilterType::CatmullRom),
@@ -202,7 +215,12 @@ pub fn resize(src: Pixels, to: Dims, filter: ResizeFilter) -> Result<Pixels, Tra
     fir::Resizer::new()
         .resize(&src_img, &mut dst, &fir::ResizeOptions::new().resize_alg(alg))
         .map_err(|e| err(&e))?;
-    Ok(Pixels { width: to.width, height: to.height, layout: src.layout, data: dst.into_vec() })
+    Ok(Pixels {
+        width: to.width,
+        height: to.height,
+        layout: src.layout,
+        data: dst.into_vec(),
+    })
 }
 
 /// Encodes in `format`. JPEG drops alpha (never present for JPEG input).
@@ -271,7 +289,12 @@ mod tests {
                 }
             }
         }
-        Pixels { width: w, height: h, layout, data }
+        Pixels {
+            width: w,
+            height: h,
+            layout,
+            data,
+        }
     }
 
     #[test]
@@ -292,7 +315,12 @@ mod tests {
         let header = probe(bytes.as_slice()).expect("probe");
         // DCT scaling gives at least the requested size.
         let px = decode(&bytes, &header, Some(Dims::new(300, 220)), 1 << 30).expect("decode");
-        assert!(px.width >= 300 && px.height >= 220 && px.width < 1600, "{}x{}", px.width, px.height);
+        assert!(
+            px.width >= 300 && px.height >= 220 && px.width < 1600,
+            "{}x{}",
+            px.width,
+            px.height
+        );
         let out = transcode(&bytes, &header, Dims::new(308, 224), &opts()).expect("transcode");
         let h2 = probe(out.as_slice()).expect("probe");
         assert_eq!((h2.format, h2.width, h2.height), (ImageFormat::Jpeg, 308, 224));
@@ -309,10 +337,17 @@ mod tests {
         }
         let png = encode(&gradient(200, 200, Layout::Rgb8), ImageFormat::Png, 90).expect("encode");
         let ph = probe(png.as_slice()).expect("probe");
-        assert!(matches!(decode(&png[..png.len() / 2], &ph, None, 1 << 30), Err(TranscodeError::Decode(_))));
+        assert!(matches!(
+            decode(&png[..png.len() / 2], &ph, None, 1 << 30),
+            Err(TranscodeError::Decode(_))
+        ));
     }
 
     fn opts() -> TranscodeOptions {
-        TranscodeOptions { jpeg_quality: 90, filter: ResizeFilter::CatmullRom, max_pixels: 1 << 26 }
+        TranscodeOptions {
+            jpeg_quality: 90,
+            filter: ResizeFilter::CatmullRom,
+            max_pixels: 1 << 26,
+        }
     }
 }

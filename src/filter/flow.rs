@@ -62,10 +62,18 @@ pub struct RequestFilter {
 
 impl RequestFilter {
     pub fn new(shared: Rc<Shared>) -> Self {
-        Self { shared, state: State::Bypass }
+        Self {
+            shared,
+            state: State::Bypass,
+        }
     }
 
-    pub fn on_request_headers(&mut self, host: &mut dyn HttpHost, metrics: &dyn Metrics, end_of_stream: bool) -> Verdict {
+    pub fn on_request_headers(
+        &mut self,
+        host: &mut dyn HttpHost,
+        metrics: &dyn Metrics,
+        end_of_stream: bool,
+    ) -> Verdict {
         let cfg = &self.shared.config;
         let method = host.request_header(":method");
         let path = host.request_header(":path");
@@ -92,7 +100,13 @@ impl RequestFilter {
         }
         let cfg = &self.shared.config;
         if body_size as u64 > cfg.max_body_bytes {
-            return self.fail(host, metrics, FilterError::BodyTooLarge { limit: cfg.max_body_bytes });
+            return self.fail(
+                host,
+                metrics,
+                FilterError::BodyTooLarge {
+                    limit: cfg.max_body_bytes,
+                },
+            );
         }
         if !end_of_stream {
             return Verdict::Pause;
@@ -131,7 +145,10 @@ impl RequestFilter {
             log::warn!("vlm-budget: forwarding unchanged (fail_open): {err}");
             metrics.add(Counter::FailOpen, 1);
             self.state = State::Done(Report {
-                headers: vec![(HEADER_POLICY, policy.to_string()), (HEADER_FAIL_OPEN, err.code().to_string())],
+                headers: vec![
+                    (HEADER_POLICY, policy.to_string()),
+                    (HEADER_FAIL_OPEN, err.code().to_string()),
+                ],
             });
             return Verdict::Continue;
         }
@@ -148,7 +165,11 @@ impl RequestFilter {
 
 fn record(metrics: &dyn Metrics, o: &Outcome) {
     let resized = o.resized() as u64;
-    let passed = o.images.iter().filter(|i| matches!(i.action, ImageAction::Passed { .. })).count() as u64;
+    let passed = o
+        .images
+        .iter()
+        .filter(|i| matches!(i.action, ImageAction::Passed { .. }))
+        .count() as u64;
     metrics.add(Counter::ImagesResized, resized);
     metrics.add(Counter::ImagesPassed, passed);
     metrics.add(Counter::VisualTokensBefore, o.tokens_before());
@@ -167,7 +188,10 @@ fn report_of(o: &Outcome) -> Report {
             (HEADER_AFTER, o.tokens_after().to_string()),
             (HEADER_IMAGES, o.images.len().to_string()),
             (HEADER_RESIZED, o.resized().to_string()),
-            (HEADER_TRANSCODE, format!("{:.1}", o.transcode_micros() as f64 / 1000.0)),
+            (
+                HEADER_TRANSCODE,
+                format!("{:.1}", o.transcode_micros() as f64 / 1000.0),
+            ),
         ],
     }
 }
@@ -288,13 +312,19 @@ mod tests {
         assert!(h.resp_headers.is_empty());
 
         let mut h = host("POST", "/v1/chat/completions", body);
-        let mut f = filter(Config { fail_open: true, policy: PolicyKind::Vanilla, ..Config::default() });
+        let mut f = filter(Config {
+            fail_open: true,
+            policy: PolicyKind::Vanilla,
+            ..Config::default()
+        });
         f.on_request_headers(&mut h, &m, false);
         assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Continue);
         assert!(h.reply.is_none());
         assert_eq!(h.body, body.as_bytes());
         f.on_response_headers(&mut h);
-        assert!(h.resp_headers.contains(&(HEADER_FAIL_OPEN.into(), "invalid_json".into())));
+        assert!(h
+            .resp_headers
+            .contains(&(HEADER_FAIL_OPEN.into(), "invalid_json".into())));
         assert_eq!(m.counts.borrow()["invalid_json"], 2);
         assert_eq!(m.counts.borrow()[Counter::FailOpen.name()], 1);
     }
@@ -303,7 +333,10 @@ mod tests {
     fn oversized_body_is_refused_before_the_end() {
         let m = FakeMetrics::default();
         let mut h = host("POST", "/v1/chat/completions", "");
-        let mut f = filter(Config { max_body_bytes: 100, ..Config::default() });
+        let mut f = filter(Config {
+            max_body_bytes: 100,
+            ..Config::default()
+        });
         f.on_request_headers(&mut h, &m, false);
         assert_eq!(f.on_request_body(&mut h, &m, 101, false), Verdict::Pause);
         assert_eq!(h.reply.as_ref().map(|r| r.0), Some(400));

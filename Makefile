@@ -1,0 +1,51 @@
+# vlm-budget — `make demo` runs the local stack, `make test` runs every test.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV     := .venv
+PY       := $(VENV)/bin/python
+WASM     := target/wasm32-wasip1/release/vlm_budget.wasm
+TESTDATA := .cache/testdata/usr/share/backgrounds/rhythm.jpg
+PYTEST   := $(VENV)/bin/pytest -q -p no:cacheprovider
+
+.PHONY: help toolchain wasm venv testdata unit lint integration test demo clean
+
+help:
+	@echo "make demo   - build the filter and run Envoy + local backends, sending sample requests"
+	@echo "make test   - unit tests, clippy, and integration tests through the real Envoy"
+
+toolchain:
+	@rustup target list --installed | grep -qx wasm32-wasip1 || rustup target add wasm32-wasip1
+
+wasm: toolchain
+	cargo build --release --target wasm32-wasip1
+
+venv: $(VENV)/.stamp
+$(VENV)/.stamp: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+testdata: $(TESTDATA)
+$(TESTDATA):
+	scripts/fetch-testdata.sh
+
+unit:
+	cargo test --workspace
+
+lint: toolchain
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy --release --target wasm32-wasip1 -- -D warnings
+
+integration: wasm venv testdata
+	$(PYTEST) tests/integration
+
+test: unit lint integration
+
+demo: wasm venv testdata
+	$(PY) tools/demo.py
+
+clean:
+	cargo clean
+	rm -rf $(VENV) .cache

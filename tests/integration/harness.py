@@ -1,0 +1,279 @@
+"""Test harness: the real Envoy binary with the built module, a recording
+upstream, and helpers to build chat requests with images."""
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import math
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import yaml
+from PIL import Image
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+WASM = ROOT / "target/wasm32-wasip1/release/vlm_budget.wasm"
+ENVOY_YAML = ROOT / "envoy/envoy.yaml"
+TESTDATA = ROOT / ".cache/testdata/usr/share/backgrounds"
+
+
+def envoy_binary() -> str:
+    path = ROOT / ".venv/bin/envoy"
+    if not path.exists():
+        raise RuntimeError("no .venv/bin/envoy: run `make venv`")
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- Qwen rule
+
+FACTOR = 28
+MIN_PIXELS = 3136
+MAX_PIXELS = 12845056
+
+
+def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
+    """Reference rule (transformers' Qwen2-VL image processor)."""
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def tokens(width, height, **kw):
+    h, w = smart_resize(height, width, **kw)
+    return (h // FACTOR) * (w // FACTOR)
+
+
+# ---------------------------------------------------------------- upstream
+
+
+class Recorder:
+    """An HTTP/1.1 upstream on 127.0.0.1 that records every request."""
+
+    def __init__(self, port: int = 0):
+        self.requests: list[dict] = []
+        self.lock = threading.Lock()
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _read_body(self) -> bytes:
+                if self.headers.get("transfer-encoding", "").lower() == "chunked":
+                    out = bytearray()
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return bytes(out)
+                        out += self.rfile.read(size)
+                        self.rfile.readline()
+                length = int(self.headers.get("content-length", "0"))
+                return self.rfile.read(length)
+
+            def _handle(self):
+                body = self._read_body()
+                with recorder.lock:
+                    recorder.requests.append(
+                        {"method": self.command, "path": self.path,
+                         "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+                reply = json.dumps({"object": "chat.completion", "received_bytes": len(body)}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            do_POST = _handle
+            do_GET = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def last(self) -> dict:
+        with self.lock:
+            return self.requests[-1]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+# ---------------------------------------------------------------- envoy
+
+
+def render_config(plugin_config: dict | None, upstream_port: int, listen_port: int, admin_port: int,
+                  wasm: pathlib.Path = WASM) -> dict:
+    """envoy/envoy.yaml with test ports, the built module and a plugin config."""
+    cfg = yaml.safe_load(ENVOY_YAML.read_text())
+    cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = cfg["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    wasm_cfg = hcm["http_filters"][0]["typed_config"]["config"]
+    wasm_cfg["vm_config"]["code"]["local"]["filename"] = str(wasm)
+    if plugin_config is not None:
+        wasm_cfg["configuration"]["value"] = json.dumps(plugin_config)
+    cluster = cfg["static_resources"]["clusters"][0]
+    addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    addr["socket_address"]["port_value"] = upstream_port
+    return cfg
+
+
+class Envoy:
+    def __init__(self, config: dict, workdir: pathlib.Path, admin_port: int, listen_port: int):
+        self.admin = f"http://127.0.0.1:{admin_port}"
+        self.url = f"http://127.0.0.1:{listen_port}"
+        self.config_path = workdir / f"envoy-{listen_port}.json"
+        self.config_path.write_text(json.dumps(config))
+        self.log_path = workdir / f"envoy-{listen_port}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [envoy_binary(), "-c", str(self.config_path), "--concurrency", "2",
+             "--base-id", str(listen_port), "--log-level", "warn", "--component-log-level", "wasm:info"],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout=30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"envoy exited {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(self.admin + "/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"envoy not ready:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stats(self) -> dict[str, int]:
+        with urllib.request.urlopen(self.admin + "/stats", timeout=5) as r:
+            out = {}
+            for line in r.read().decode().splitlines():
+                name, _, value = line.partition(": ")
+                if value.strip().lstrip("-").isdigit():
+                    out[name] = int(value)
+            return out
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+# ---------------------------------------------------------------- requests
+
+
+def post(url: str, body: bytes, path="/v1/chat/completions", headers=None, timeout=60):
+    """POST; returns (status, headers, body) without raising on 4xx/5xx."""
+    req = urllib.request.Request(url + path, data=body, method="POST",
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def image_bytes(width: int, height: int, fmt="PNG", mode="RGB", noise=False, **save) -> bytes:
+    if noise:
+        img = Image.frombytes(mode, (width, height), os.urandom(width * height * len(mode)))
+    else:
+        img = Image.linear_gradient("L").resize((width, height)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **save)
+    return buf.getvalue()
+
+
+def data_url(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def chat_body(urls: list[str], bare=False, extra: str = "") -> bytes:
+    """A chat body with odd-but-valid JSON: unknown fields, number spellings."""
+    parts = []
+    for u in urls:
+        if bare:
+            parts.append({"type": "image_url", "image_url": u})
+        else:
+            parts.append({"type": "image_url", "image_url": {"url": u, "detail": "high", "x_custom": [1, 2]}})
+    msg = {"role": "user", "content": [{"type": "text", "text": "Describe the images."}, *parts]}
+    body = json.dumps({"model": "Qwen/Qwen2.5-VL-3B-Instruct", "messages": [msg]}, separators=(", ", ": "))
+    # Spellings json.dumps would never write: they must survive byte for byte.
+    return (body[:-1] + ', "temperature": 0.70, "top_p": 1e0, "seed": 12345678901234567890123'
+            + ', "zz_unknown": {"nested": [true, null, -0.0]}' + extra + "}").encode()
+
+
+def decode_data_url(url: str) -> tuple[str, bytes]:
+    head, _, payload = url.partition(",")
+    return head[5:].split(";")[0], base64.b64decode(payload, validate=True)
+
+
+def image_size(data: bytes) -> tuple[int, int, str]:
+    img = Image.open(io.BytesIO(data))
+    return img.width, img.height, img.format
+
+
+def image_urls(body: bytes) -> list[str]:
+    out = []
+    for m in json.loads(body)["messages"]:
+        content = m.get("content")
+        if isinstance(content, list):
+            for p in content:
+                if p.get("type") == "image_url":
+                    iu = p["image_url"]
+                    out.append(iu["url"] if isinstance(iu, dict) else iu)
+    return out
+
+
+def replace_urls(body: bytes, old: list[str], new: list[str]) -> bytes:
+    """The original body with each URL literal swapped: what the filter must send."""
+    out = body
+    for o, n in zip(old, new):
+        assert out.count(o.encode()) >= 1
+        out = out.replace(o.encode(), n.encode(), 1)
+    return out
+
+
+def deepcopy(x):
+    return copy.deepcopy(x)
