@@ -7,7 +7,7 @@
 
 use crate::core::config::Config;
 use crate::core::error::FilterError;
-use crate::filter::host::{error_metric_name, TRANSCODE_HISTOGRAM};
+use crate::filter::host::{error_metric_name, TRANSCODE_HISTOGRAM, VM_MEMORY_GAUGE};
 use crate::filter::{Counter, HttpHost, Metrics, RequestFilter, Shared, Verdict};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -27,6 +27,8 @@ struct HostMetrics {
     counters: HashMap<Counter, u32>,
     errors: HashMap<&'static str, u32>,
     transcode: Option<u32>,
+    /// Gauge: this VM's linear memory in bytes (it never shrinks).
+    memory: Option<u32>,
 }
 
 fn define(kind: MetricType, name: &str) -> Option<u32> {

@@ -54,6 +54,9 @@ impl Counter {
 /// Name of the transcode-time histogram (milliseconds per request).
 pub const TRANSCODE_HISTOGRAM: &str = "vlm_budget_transcode_ms";
 
+/// Name of the gauge of the VM's linear memory (bytes; grows, never shrinks).
+pub const VM_MEMORY_GAUGE: &str = "vlm_budget_vm_memory_bytes";
+
 /// Name of the error counter for an error code.
 pub fn error_metric_name(code: &str) -> String {
     format!("vlm_budget_errors_{code}_total")
