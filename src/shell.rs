@@ -55,6 +55,7 @@ impl HostMetrics {
             counters,
             errors,
             transcode: define(MetricType::Histogram, TRANSCODE_HISTOGRAM),
+            memory: define(MetricType::Gauge, VM_MEMORY_GAUGE),
         }
     }
 
