@@ -158,10 +158,16 @@ impl HttpContext for Http {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        action(
+        let verdict =
             self.filter
-                .on_request_body(&mut ProxyHost, self.metrics.as_ref(), body_size, end_of_stream),
-        )
+                .on_request_body(&mut ProxyHost, self.metrics.as_ref(), body_size, end_of_stream);
+        if end_of_stream {
+            if let Some(id) = self.metrics.memory {
+                let pages = core::arch::wasm32::memory_size(0) as u64;
+                let _ = hostcalls::record_metric(id, pages * 65_536);
+            }
+        }
+        action(verdict)
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
