@@ -7,14 +7,15 @@
 
 use crate::core::config::Config;
 use crate::core::error::FilterError;
-use crate::filter::host::{error_metric_name, TRANSCODE_HISTOGRAM, VM_MEMORY_GAUGE};
-use crate::filter::{Counter, HttpHost, Metrics, RequestFilter, Shared, Verdict};
+use crate::filter::host::{error_metric_name, ENCODE_HISTOGRAM, TRANSCODE_HISTOGRAM, VM_MEMORY_GAUGE};
+use crate::filter::{Counter, EncodeCall, HttpHost, Metrics, RequestFilter, Shared, Verdict};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Trace);
@@ -27,6 +28,7 @@ struct HostMetrics {
     counters: HashMap<Counter, u32>,
     errors: HashMap<&'static str, u32>,
     transcode: Option<u32>,
+    encode: Option<u32>,
     /// Gauge: this VM's linear memory in bytes (it never shrinks).
     memory: Option<u32>,
 }
@@ -55,6 +57,7 @@ impl HostMetrics {
             counters,
             errors,
             transcode: define(MetricType::Histogram, TRANSCODE_HISTOGRAM),
+            encode: define(MetricType::Histogram, ENCODE_HISTOGRAM),
             memory: define(MetricType::Gauge, VM_MEMORY_GAUGE),
         }
     }
@@ -77,6 +80,11 @@ impl Metrics for HostMetrics {
     }
     fn transcode_ms(&self, ms: u64) {
         if let Some(id) = self.transcode {
+            let _ = hostcalls::record_metric(id, ms);
+        }
+    }
+    fn encode_ms(&self, ms: u64) {
+        if let Some(id) = self.encode {
             let _ = hostcalls::record_metric(id, ms);
         }
     }
@@ -121,12 +129,13 @@ impl RootContext for Root {
         }
     }
 
-    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         let shared = self.shared.clone()?;
         let metrics = self.metrics.clone().unwrap_or_default();
         Some(Box::new(Http {
             filter: RequestFilter::new(shared),
             metrics,
+            host: ProxyHost { context_id },
         }))
     }
 
@@ -138,9 +147,19 @@ impl RootContext for Root {
 struct Http {
     filter: RequestFilter,
     metrics: Rc<HostMetrics>,
+    host: ProxyHost,
 }
 
-impl Context for Http {}
+impl Context for Http {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .and_then(|s| s.parse::<u32>().ok());
+        self.filter
+            .on_encode_response(&mut self.host, self.metrics.as_ref(), token, status);
+    }
+}
 
 fn action(v: Verdict) -> Action {
     match v {
@@ -153,14 +172,14 @@ impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
         action(
             self.filter
-                .on_request_headers(&mut ProxyHost, self.metrics.as_ref(), end_of_stream),
+                .on_request_headers(&mut self.host, self.metrics.as_ref(), end_of_stream),
         )
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         let verdict =
             self.filter
-                .on_request_body(&mut ProxyHost, self.metrics.as_ref(), body_size, end_of_stream);
+                .on_request_body(&mut self.host, self.metrics.as_ref(), body_size, end_of_stream);
         if end_of_stream {
             if let Some(id) = self.metrics.memory {
                 let pages = core::arch::wasm32::memory_size(0) as u64;
@@ -171,12 +190,19 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
-        action(self.filter.on_response_headers(&mut ProxyHost))
+        action(self.filter.on_response_headers(&mut self.host))
     }
 }
 
 /// [`HttpHost`] over the current context's hostcalls.
-struct ProxyHost;
+struct ProxyHost {
+    context_id: u32,
+}
+
+thread_local! {
+    /// Per-VM sequence for generated request ids.
+    static ID_SEQ: Cell<u64> = const { Cell::new(0) };
+}
 
 fn warn_err<T>(what: &str, r: Result<T, proxy_wasm::types::Status>) -> Option<T> {
     match r {
@@ -226,6 +252,43 @@ impl HttpHost for ProxyHost {
             "local reply",
             hostcalls::send_http_response(status, headers.to_vec(), Some(body)),
         );
+    }
+    fn set_request_header(&mut self, name: &str, value: &str) {
+        warn_err(
+            "set header",
+            hostcalls::set_map_value(MapType::HttpRequestHeaders, name, Some(value)),
+        );
+    }
+    fn new_request_id(&mut self) -> String {
+        let seq = ID_SEQ.with(|c| {
+            c.set(c.get().wrapping_add(1));
+            c.get()
+        });
+        let nanos = hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos() as u64);
+        format!("vlmb-{nanos:016x}-{:08x}-{seq:x}", self.context_id)
+    }
+    fn dispatch(&mut self, call: &EncodeCall<'_>) -> Result<u32, String> {
+        let headers = vec![
+            (":method", "POST"),
+            (":path", call.path),
+            (":authority", call.authority),
+            ("content-type", "application/json"),
+            ("x-request-id", call.request_id),
+        ];
+        hostcalls::dispatch_http_call(
+            call.cluster,
+            headers,
+            Some(call.body),
+            vec![],
+            Duration::from_millis(call.timeout_ms),
+        )
+        .map_err(|e| format!("{e:?}"))
+    }
+    fn resume_request(&mut self) {
+        warn_err("resume", hostcalls::resume_http_request());
     }
     fn now_micros(&self) -> u64 {
         hostcalls::get_current_time()

@@ -2,6 +2,7 @@
 //! before the plugin accepts traffic. A bad configuration is refused with an
 //! error naming the field; the plugin never runs on silent defaults.
 
+use super::encode::{EncodeFailure, EncodeFanout};
 use super::policy::PolicyKind;
 use super::sizing::SizingRule;
 use super::transcode::{ResizeFilter, TranscodeOptions};
@@ -56,6 +57,21 @@ pub struct Config {
     pub paths: Vec<String>,
     /// The backend's image sizing rule.
     pub sizing: SizingConfig,
+    /// Envoy cluster of the encode (vision encoder) instances. Unset: the
+    /// filter only resizes (a monolithic vLLM behind the route).
+    pub encode_cluster: Option<String>,
+    /// `:authority` of encode requests.
+    pub encode_authority: String,
+    /// Path of encode requests.
+    pub encode_path: String,
+    /// Timeout of one encode call.
+    pub encode_timeout_ms: u64,
+    /// Retries of a failed or timed-out encode call.
+    pub encode_retries: u64,
+    /// After the retries: `fallback` (forward to PD) or `fail` (502).
+    pub encode_failure: EncodeFailure,
+    /// `per_image` or `per_request`.
+    pub encode_fanout: EncodeFanout,
 }
 
 impl Default for Config {
@@ -72,6 +88,13 @@ impl Default for Config {
             fail_open: false,
             paths: vec!["/v1/chat/completions".into()],
             sizing: SizingConfig::default(),
+            encode_cluster: None,
+            encode_authority: "vlm-encode".into(),
+            encode_path: "/v1/chat/completions".into(),
+            encode_timeout_ms: 30_000,
+            encode_retries: 1,
+            encode_failure: EncodeFailure::Fallback,
+            encode_fanout: EncodeFanout::PerImage,
         }
     }
 }
@@ -189,6 +212,28 @@ impl Config {
         if let Some(p) = self.paths.iter().find(|p| !p.starts_with('/')) {
             return Err(bad("paths", format!("`{p}` must start with '/'")));
         }
+        if self
+            .encode_cluster
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            return Err(bad(
+                "encode_cluster",
+                "must not be empty (omit it to disable encode routing)",
+            ));
+        }
+        if self.encode_authority.is_empty() || self.encode_authority.contains(char::is_whitespace) {
+            return Err(bad("encode_authority", "must be a host name"));
+        }
+        if !self.encode_path.starts_with('/') {
+            return Err(bad("encode_path", "must start with '/'"));
+        }
+        if !(1..=600_000).contains(&self.encode_timeout_ms) {
+            return Err(bad("encode_timeout_ms", "must be 1..=600000"));
+        }
+        if self.encode_retries > 10 {
+            return Err(bad("encode_retries", "must be 0..=10"));
+        }
         if self.policy == PolicyKind::Dynamic {
             return Err(bad(
                 "policy",
@@ -272,5 +317,11 @@ mod tests {
         assert_eq!(err(r#"{"max_body_bytes":0}"#).field, "max_body_bytes");
         assert_eq!(err(r#"{"sizing":{"max_pixels":10}}"#).field, "sizing.max_pixels");
         assert_eq!(err(r#"not json"#).field, "(root)");
+        assert_eq!(err(r#"{"encode_cluster":""}"#).field, "encode_cluster");
+        assert_eq!(err(r#"{"encode_timeout_ms":0}"#).field, "encode_timeout_ms");
+        assert_eq!(err(r#"{"encode_retries":11}"#).field, "encode_retries");
+        assert_eq!(err(r#"{"encode_fanout":"all"}"#).field, "encode_fanout");
+        assert_eq!(err(r#"{"encode_failure":"retry"}"#).field, "encode_failure");
+        assert_eq!(err(r#"{"encode_path":"v1"}"#).field, "encode_path");
     }
 }

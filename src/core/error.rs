@@ -14,6 +14,8 @@ pub enum FilterError {
         count: usize,
         limit: u64,
     },
+    /// The encode cluster failed after the retries (`encode_failure: fail`).
+    EncoderUnavailable(String),
     /// A problem with the image at `index` (document order, from 0).
     Image {
         index: usize,
@@ -54,12 +56,14 @@ impl FilterError {
             Self::InvalidJson(_) => "invalid_json",
             Self::InvalidRequest(_) => "invalid_request",
             Self::TooManyImages { .. } => "too_many_images",
+            Self::EncoderUnavailable(_) => "encoder_unavailable",
             Self::Image { kind, .. } => kind.code(),
         }
     }
 
     /// Every code, for defining metrics up front.
-    pub const CODES: [&'static str; 10] = [
+    pub const CODES: [&'static str; 11] = [
+        "encoder_unavailable",
         "body_too_large",
         "invalid_json",
         "invalid_request",
@@ -79,6 +83,7 @@ impl FilterError {
                 kind: ImageErrorKind::ProcessingFailed,
                 ..
             } => 500,
+            Self::EncoderUnavailable(_) => 502,
             _ => 400,
         }
     }
@@ -111,6 +116,7 @@ impl fmt::Display for FilterError {
                 write!(f, "request has {count} images; at most {limit} are accepted")
             }
             Self::Image { index, detail, .. } => write!(f, "image {index}: {detail}"),
+            Self::EncoderUnavailable(e) => write!(f, "the vision encoder is unavailable: {e}"),
         }
     }
 }

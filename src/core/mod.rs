@@ -3,6 +3,7 @@
 pub mod base64buf;
 pub mod config;
 pub mod datauri;
+pub mod encode;
 pub mod error;
 pub mod pipeline;
 pub mod policy;

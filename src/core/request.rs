@@ -46,6 +46,8 @@ pub struct ChatRequest<'a> {
     pub images: Vec<ImageSite<'a>>,
     /// Bytes of text content (an input to the latency model).
     pub text_bytes: usize,
+    /// Top-level members in order: key and the byte range of its raw value.
+    pub members: Vec<(Cow<'a, str>, Range<usize>)>,
 }
 
 /// A JSON object's members in order, values left raw. Duplicate keys are
@@ -167,11 +169,15 @@ pub fn scan(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> {
     let text = std::str::from_utf8(body).map_err(|e| RequestError::Json(format!("invalid UTF-8: {e}")))?;
     let top: &RawValue = serde_json::from_str(text).map_err(|e| RequestError::Json(e.to_string()))?;
     let top = object(top, &|| "the request body".into())?;
+    let members = top.0.iter().map(|(k, v)| (k.clone(), span_in(text, v))).collect();
     let messages = top
         .get("messages")
         .ok_or_else(|| schema("`messages` is required".into()))?;
     let messages = array(messages, &|| "`messages`".into())?;
-    let mut req = ChatRequest::default();
+    let mut req = ChatRequest {
+        members,
+        ..ChatRequest::default()
+    };
     for (m, message) in messages.iter().enumerate() {
         let message = object(message, &|| format!("messages[{m}]"))?;
         let Some(content) = message.get("content") else {

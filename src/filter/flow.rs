@@ -1,7 +1,8 @@
 //! Request state machine: headers → buffer body → process → forward.
 
-use super::host::{Counter, HttpHost, Metrics};
+use super::host::{Counter, EncodeCall, HttpHost, Metrics};
 use crate::core::config::Config;
+use crate::core::encode::{encode_requests, EncodeFailure};
 use crate::core::error::FilterError;
 use crate::core::pipeline::{process, ImageAction, Outcome};
 use crate::core::policy::{self, BudgetPolicy};
@@ -33,6 +34,8 @@ enum State {
     Bypass,
     /// Buffering the body of a request the filter acts on.
     Buffering,
+    /// Waiting for the encode cluster before forwarding to PD.
+    Encoding(Encoding),
     /// Processed: report to add to the response.
     Done(Report),
     /// A local error reply was sent.
@@ -40,9 +43,22 @@ enum State {
 }
 
 /// Response headers for a processed request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Report {
     headers: Vec<(&'static str, String)>,
+}
+
+/// Encode calls of one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Encoding {
+    report: Report,
+    bodies: Vec<Vec<u8>>,
+    /// In-flight calls: (token, body index, attempt).
+    pending: Vec<(u32, usize, u64)>,
+    /// Bodies that failed after every retry, with the last reason.
+    failed: Vec<(usize, String)>,
+    calls: u64,
+    started_us: u64,
 }
 
 pub const HEADER_POLICY: &str = "x-vlm-policy";
@@ -53,11 +69,16 @@ pub const HEADER_IMAGES: &str = "x-vlm-images";
 pub const HEADER_RESIZED: &str = "x-vlm-images-resized";
 pub const HEADER_TRANSCODE: &str = "x-vlm-transcode-ms";
 pub const HEADER_FAIL_OPEN: &str = "x-vlm-fail-open";
+pub const HEADER_ENCODE: &str = "x-vlm-encode";
+pub const HEADER_ENCODE_MS: &str = "x-vlm-encode-ms";
+pub const HEADER_ENCODE_CALLS: &str = "x-vlm-encode-calls";
+pub const REQUEST_ID: &str = "x-request-id";
 
 /// One request's filter.
 pub struct RequestFilter {
     shared: Rc<Shared>,
     state: State,
+    request_id: Option<String>,
 }
 
 impl RequestFilter {
@@ -65,6 +86,7 @@ impl RequestFilter {
         Self {
             shared,
             state: State::Bypass,
+            request_id: None,
         }
     }
 
@@ -84,6 +106,18 @@ impl RequestFilter {
         metrics.add(Counter::Requests, 1);
         // The body may change length: let Envoy frame it (chunked / h2 data).
         host.remove_request_header("content-length");
+        if cfg.encode_cluster.is_some() {
+            // Encode and PD calls share the id; headers can only change now.
+            let id = match host.request_header(REQUEST_ID) {
+                Some(id) if !id.is_empty() => id,
+                _ => {
+                    let id = host.new_request_id();
+                    host.set_request_header(REQUEST_ID, &id);
+                    id
+                }
+            };
+            self.request_id = Some(id);
+        }
         self.state = State::Buffering;
         Verdict::Continue
     }
@@ -115,18 +149,162 @@ impl RequestFilter {
             return self.fail(host, metrics, FilterError::InvalidJson("empty body".into()));
         };
         let clock = || host.now_micros();
-        match process(&body, cfg, self.shared.policy.as_ref(), &clock) {
-            Ok(outcome) => {
-                drop(body);
-                if let Some(new_body) = &outcome.body {
-                    host.replace_request_body(body_size, new_body);
-                }
-                record(metrics, &outcome);
-                self.state = State::Done(report_of(&outcome));
+        let outcome = match process(&body, cfg, self.shared.policy.as_ref(), &clock) {
+            Ok(outcome) => outcome,
+            Err(e) => return self.fail(host, metrics, e),
+        };
+        if let Some(new_body) = &outcome.body {
+            host.replace_request_body(body_size, new_body);
+        }
+        record(metrics, &outcome);
+        let report = report_of(&outcome);
+        let has_images = !outcome.images.is_empty();
+        let final_body = outcome.body.unwrap_or(body);
+        match (&cfg.encode_cluster, has_images) {
+            (Some(_), true) => self.start_encoding(host, metrics, &final_body, report),
+            _ => {
+                self.state = State::Done(report);
                 Verdict::Continue
             }
-            Err(e) => self.fail(host, metrics, e),
         }
+    }
+
+    /// Sends the encode calls; the request waits for their answers.
+    fn start_encoding(
+        &mut self,
+        host: &mut dyn HttpHost,
+        metrics: &dyn Metrics,
+        body: &[u8],
+        report: Report,
+    ) -> Verdict {
+        let bodies = match encode_requests(body, self.shared.config.encode_fanout) {
+            Ok(b) if !b.is_empty() => b,
+            // The body was just parsed, so this cannot fail; forward as is.
+            _ => {
+                self.state = State::Done(report);
+                return Verdict::Continue;
+            }
+        };
+        let mut enc = Encoding {
+            report,
+            bodies,
+            pending: Vec::new(),
+            failed: Vec::new(),
+            calls: 0,
+            started_us: host.now_micros(),
+        };
+        for index in 0..enc.bodies.len() {
+            self.send(host, metrics, &mut enc, index, 0);
+        }
+        self.state = State::Encoding(enc);
+        self.after_encode_event(host, metrics, false)
+    }
+
+    /// Dispatches body `index` (attempt `attempt`); a dispatch the host
+    /// refuses outright (unknown cluster) fails that body at once.
+    fn send(
+        &self,
+        host: &mut dyn HttpHost,
+        metrics: &dyn Metrics,
+        enc: &mut Encoding,
+        index: usize,
+        attempt: u64,
+    ) {
+        let cfg = &self.shared.config;
+        let Some(cluster) = cfg.encode_cluster.as_deref() else {
+            return;
+        };
+        let call = EncodeCall {
+            cluster,
+            authority: &cfg.encode_authority,
+            path: &cfg.encode_path,
+            request_id: self.request_id.as_deref().unwrap_or_default(),
+            body: &enc.bodies[index],
+            timeout_ms: cfg.encode_timeout_ms,
+        };
+        metrics.add(Counter::EncodeCalls, 1);
+        enc.calls += 1;
+        match host.dispatch(&call) {
+            Ok(token) => enc.pending.push((token, index, attempt)),
+            Err(e) => {
+                log::warn!("vlm-budget: encode dispatch to {cluster} refused: {e}");
+                enc.failed.push((index, format!("dispatch refused: {e}")));
+            }
+        }
+    }
+
+    /// An encode call answered (`status`: the HTTP status, `None` when the
+    /// call itself failed).
+    pub fn on_encode_response(
+        &mut self,
+        host: &mut dyn HttpHost,
+        metrics: &dyn Metrics,
+        token: u32,
+        status: Option<u32>,
+    ) -> Verdict {
+        let State::Encoding(mut enc) = std::mem::replace(&mut self.state, State::Bypass) else {
+            return Verdict::Continue;
+        };
+        let Some(pos) = enc.pending.iter().position(|p| p.0 == token) else {
+            self.state = State::Encoding(enc);
+            return Verdict::Continue;
+        };
+        let (_, index, attempt) = enc.pending.swap_remove(pos);
+        if !status.is_some_and(|s| (200..300).contains(&s)) {
+            let why = status.map_or_else(|| "call failed".to_string(), |s| format!("HTTP {s}"));
+            if attempt < self.shared.config.encode_retries {
+                log::debug!("vlm-budget: encode call failed ({why}); retrying");
+                metrics.add(Counter::EncodeRetries, 1);
+                self.send(host, metrics, &mut enc, index, attempt + 1);
+            } else {
+                enc.failed.push((index, why));
+            }
+        }
+        self.state = State::Encoding(enc);
+        self.after_encode_event(host, metrics, true)
+    }
+
+    /// Resumes, fails or keeps waiting, once the calls' state has changed.
+    fn after_encode_event(
+        &mut self,
+        host: &mut dyn HttpHost,
+        metrics: &dyn Metrics,
+        resume: bool,
+    ) -> Verdict {
+        let State::Encoding(enc) = &self.state else {
+            return Verdict::Continue;
+        };
+        let fail_fast = self.shared.config.encode_failure == EncodeFailure::Fail && !enc.failed.is_empty();
+        if !enc.pending.is_empty() && !fail_fast {
+            return Verdict::Pause;
+        }
+        let State::Encoding(enc) = std::mem::replace(&mut self.state, State::Bypass) else {
+            return Verdict::Continue;
+        };
+        let elapsed_ms = host.now_micros().saturating_sub(enc.started_us) / 1000;
+        metrics.encode_ms(elapsed_ms);
+        let mut report = enc.report;
+        let outcome = if enc.failed.is_empty() {
+            "ok"
+        } else {
+            metrics.add(Counter::EncodeFailures, 1);
+            if self.shared.config.encode_failure == EncodeFailure::Fail {
+                let (index, why) = &enc.failed[0];
+                let detail = format!("encode request {index} failed after retries: {why}");
+                return self.reply_error(host, metrics, FilterError::EncoderUnavailable(detail));
+            }
+            metrics.add(Counter::EncodeFallbacks, 1);
+            log::warn!("vlm-budget: encoder failed; prefill/decode will encode the images itself");
+            "fallback"
+        };
+        report.headers.push((HEADER_ENCODE, outcome.to_string()));
+        report.headers.push((HEADER_ENCODE_MS, elapsed_ms.to_string()));
+        report.headers.push((HEADER_ENCODE_CALLS, enc.calls.to_string()));
+        self.state = State::Done(report);
+        if resume {
+            host.resume_request();
+        }
+        Verdict::Continue
     }
 
     pub fn on_response_headers(&mut self, host: &mut dyn HttpHost) -> Verdict {
@@ -139,11 +317,11 @@ impl RequestFilter {
     }
 
     fn fail(&mut self, host: &mut dyn HttpHost, metrics: &dyn Metrics, err: FilterError) -> Verdict {
-        metrics.error(err.code());
-        let policy = self.shared.config.policy.name();
         if self.shared.config.fail_open {
+            metrics.error(err.code());
             log::warn!("vlm-budget: forwarding unchanged (fail_open): {err}");
             metrics.add(Counter::FailOpen, 1);
+            let policy = self.shared.config.policy.name();
             self.state = State::Done(Report {
                 headers: vec![
                     (HEADER_POLICY, policy.to_string()),
@@ -152,7 +330,13 @@ impl RequestFilter {
             });
             return Verdict::Continue;
         }
+        self.reply_error(host, metrics, err)
+    }
+
+    fn reply_error(&mut self, host: &mut dyn HttpHost, metrics: &dyn Metrics, err: FilterError) -> Verdict {
+        metrics.error(err.code());
         log::info!("vlm-budget: rejecting request: {}", err.code());
+        let policy = self.shared.config.policy.name();
         host.send_local_reply(
             err.status(),
             &[("content-type", "application/json"), (HEADER_POLICY, policy)],
@@ -209,6 +393,10 @@ mod tests {
         body: Vec<u8>,
         resp_headers: Vec<(String, String)>,
         reply: Option<(u32, Vec<u8>)>,
+        /// (token, cluster, request id, body) of each dispatch.
+        calls: Vec<(u32, String, String, Vec<u8>)>,
+        refuse_dispatch: bool,
+        resumed: u32,
     }
 
     impl HttpHost for FakeHost {
@@ -233,6 +421,28 @@ mod tests {
         fn now_micros(&self) -> u64 {
             0
         }
+        fn set_request_header(&mut self, name: &str, value: &str) {
+            self.req_headers.insert(name.into(), value.into());
+        }
+        fn new_request_id(&mut self) -> String {
+            "generated-id".into()
+        }
+        fn dispatch(&mut self, call: &EncodeCall<'_>) -> Result<u32, String> {
+            if self.refuse_dispatch {
+                return Err("BadArgument".into());
+            }
+            let token = 100 + self.calls.len() as u32;
+            self.calls.push((
+                token,
+                call.cluster.into(),
+                call.request_id.into(),
+                call.body.to_vec(),
+            ));
+            Ok(token)
+        }
+        fn resume_request(&mut self) {
+            self.resumed += 1;
+        }
     }
 
     #[derive(Default)]
@@ -248,6 +458,7 @@ mod tests {
             *self.counts.borrow_mut().entry(code.into()).or_default() += 1;
         }
         fn transcode_ms(&self, _ms: u64) {}
+        fn encode_ms(&self, _ms: u64) {}
     }
 
     fn host(method: &str, path: &str, body: &str) -> FakeHost {
@@ -342,5 +553,154 @@ mod tests {
         assert_eq!(h.reply.as_ref().map(|r| r.0), Some(400));
         // Later chunks are ignored once replied.
         assert_eq!(f.on_request_body(&mut h, &m, 200, true), Verdict::Continue);
+    }
+
+    fn epd(failure: EncodeFailure, fanout: crate::core::encode::EncodeFanout) -> Config {
+        Config {
+            encode_cluster: Some("encode_cluster".into()),
+            encode_failure: failure,
+            encode_fanout: fanout,
+            ..Config::default()
+        }
+    }
+
+    const TWO_IMAGES: &str = r#"{"model":"m","stream":true,"messages":[{"role":"user","content":[
+        {"type":"text","text":"compare"},
+        {"type":"image_url","image_url":{"url":"https://x/a.png"}},
+        {"type":"image_url","image_url":"https://x/b.png"}]}]}"#;
+
+    fn start(cfg: Config, body: &str, with_id: bool) -> (RequestFilter, FakeHost, FakeMetrics, Verdict) {
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", body);
+        if with_id {
+            h.req_headers.insert(REQUEST_ID.into(), "client-id".into());
+        }
+        let mut f = filter(cfg);
+        assert_eq!(f.on_request_headers(&mut h, &m, false), Verdict::Continue);
+        let v = f.on_request_body(&mut h, &m, body.len(), true);
+        (f, h, m, v)
+    }
+
+    #[test]
+    fn encoder_first_then_pd_per_image() {
+        use crate::core::encode::EncodeFanout;
+        let (mut f, mut h, m, v) = start(
+            epd(EncodeFailure::Fallback, EncodeFanout::PerImage),
+            TWO_IMAGES,
+            false,
+        );
+        assert_eq!(v, Verdict::Pause);
+        assert_eq!(h.req_headers[REQUEST_ID], "generated-id");
+        assert_eq!(h.calls.len(), 2);
+        for ((_, cluster, id, body), url) in h.calls.iter().zip(["https://x/a.png", "https://x/b.png"]) {
+            assert_eq!(
+                (cluster.as_str(), id.as_str()),
+                ("encode_cluster", "generated-id")
+            );
+            let v: serde_json::Value = serde_json::from_slice(body).expect("json");
+            assert_eq!(v["messages"][0]["content"][0]["image_url"]["url"], url);
+            assert_eq!(
+                (v["max_tokens"].as_u64(), v["stream"].as_bool()),
+                (Some(1), Some(false))
+            );
+        }
+        // Unknown tokens are ignored; the request waits for both answers.
+        assert_eq!(
+            f.on_encode_response(&mut h, &m, 999, Some(200)),
+            Verdict::Continue
+        );
+        assert_eq!(f.on_encode_response(&mut h, &m, 101, Some(200)), Verdict::Pause);
+        assert_eq!(h.resumed, 0);
+        f.on_encode_response(&mut h, &m, 100, Some(200));
+        assert_eq!(h.resumed, 1);
+        f.on_response_headers(&mut h);
+        assert!(h.resp_headers.contains(&(HEADER_ENCODE.into(), "ok".into())));
+        assert!(h.resp_headers.contains(&(HEADER_ENCODE_CALLS.into(), "2".into())));
+        assert_eq!(m.counts.borrow()[Counter::EncodeCalls.name()], 2);
+    }
+
+    #[test]
+    fn per_request_keeps_the_client_id() {
+        use crate::core::encode::EncodeFanout;
+        let (_, h, _, v) = start(
+            epd(EncodeFailure::Fallback, EncodeFanout::PerRequest),
+            TWO_IMAGES,
+            true,
+        );
+        assert_eq!(v, Verdict::Pause);
+        assert_eq!(h.req_headers[REQUEST_ID], "client-id");
+        assert_eq!(h.calls.len(), 1);
+        assert_eq!(h.calls[0].2, "client-id");
+        let v: serde_json::Value = serde_json::from_slice(&h.calls[0].3).expect("json");
+        assert_eq!(v["messages"][0]["content"][0]["text"], "compare");
+        assert_eq!(v["stream"], false);
+    }
+
+    #[test]
+    fn retry_then_fallback() {
+        use crate::core::encode::EncodeFanout;
+        let (mut f, mut h, m, _) = start(
+            epd(EncodeFailure::Fallback, EncodeFanout::PerRequest),
+            TWO_IMAGES,
+            true,
+        );
+        assert_eq!(f.on_encode_response(&mut h, &m, 100, Some(503)), Verdict::Pause);
+        assert_eq!(h.calls.len(), 2, "retried");
+        assert_eq!(f.on_encode_response(&mut h, &m, 101, None), Verdict::Continue);
+        assert_eq!(h.resumed, 1);
+        assert!(h.reply.is_none());
+        f.on_response_headers(&mut h);
+        assert!(h
+            .resp_headers
+            .contains(&(HEADER_ENCODE.into(), "fallback".into())));
+        let c = m.counts.borrow();
+        assert_eq!(
+            (
+                c[Counter::EncodeRetries.name()],
+                c[Counter::EncodeFallbacks.name()]
+            ),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn fail_mode_answers_502() {
+        use crate::core::encode::EncodeFanout;
+        let cfg = Config {
+            encode_retries: 0,
+            ..epd(EncodeFailure::Fail, EncodeFanout::PerImage)
+        };
+        let (mut f, mut h, m, _) = start(cfg, TWO_IMAGES, true);
+        f.on_encode_response(&mut h, &m, 100, Some(504));
+        let (status, body) = h.reply.clone().expect("reply");
+        assert_eq!(status, 502);
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["error"]["code"], "encoder_unavailable");
+        assert_eq!(h.resumed, 0);
+        // The other call's late answer changes nothing.
+        assert_eq!(
+            f.on_encode_response(&mut h, &m, 101, Some(200)),
+            Verdict::Continue
+        );
+        assert_eq!(h.resumed, 0);
+    }
+
+    #[test]
+    fn refused_dispatch_falls_back_at_once_and_text_skips_the_encoder() {
+        use crate::core::encode::EncodeFanout;
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", TWO_IMAGES);
+        h.refuse_dispatch = true;
+        let mut f = filter(epd(EncodeFailure::Fallback, EncodeFanout::PerImage));
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(
+            f.on_request_body(&mut h, &m, TWO_IMAGES.len(), true),
+            Verdict::Continue
+        );
+        assert_eq!(h.resumed, 0, "never paused, so nothing to resume");
+        let text = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        let (_, h, _, v) = start(epd(EncodeFailure::Fail, EncodeFanout::PerImage), text, true);
+        assert_eq!(v, Verdict::Continue);
+        assert!(h.calls.is_empty());
     }
 }

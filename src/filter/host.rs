@@ -1,9 +1,29 @@
 //! The host calls the state machine needs.
 
+/// An HTTP call to the encode cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct EncodeCall<'a> {
+    pub cluster: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub request_id: &'a str,
+    pub body: &'a [u8],
+    pub timeout_ms: u64,
+}
+
 /// Per-request host calls.
 pub trait HttpHost {
     fn request_header(&self, name: &str) -> Option<String>;
     fn remove_request_header(&mut self, name: &str);
+    /// Sets a request header (only valid in the request headers callback).
+    fn set_request_header(&mut self, name: &str, value: &str);
+    /// A new unique request id.
+    fn new_request_id(&mut self) -> String;
+    /// Dispatches an encode call; its answer comes to
+    /// `RequestFilter::on_encode_response` with the returned token.
+    fn dispatch(&mut self, call: &EncodeCall<'_>) -> Result<u32, String>;
+    /// Lets a paused request continue upstream.
+    fn resume_request(&mut self);
     /// The buffered request body, `[0, size)`.
     fn request_body(&self, size: usize) -> Option<Vec<u8>>;
     /// Replaces the buffered body `[0, size)` with `body`.
@@ -26,16 +46,28 @@ pub enum Counter {
     VisualTokensAfter,
     /// Requests forwarded unchanged after an error, under `fail_open`.
     FailOpen,
+    /// Encode calls dispatched (retries included).
+    EncodeCalls,
+    /// Encode calls retried.
+    EncodeRetries,
+    /// Requests whose encode calls failed after the retries.
+    EncodeFailures,
+    /// Requests forwarded to PD after an encode failure (`fallback`).
+    EncodeFallbacks,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Requests,
         Counter::ImagesResized,
         Counter::ImagesPassed,
         Counter::VisualTokensBefore,
         Counter::VisualTokensAfter,
         Counter::FailOpen,
+        Counter::EncodeCalls,
+        Counter::EncodeRetries,
+        Counter::EncodeFailures,
+        Counter::EncodeFallbacks,
     ];
 
     /// Stat name (Envoy shows it as `wasmcustom.<name>`).
@@ -47,12 +79,19 @@ impl Counter {
             Self::VisualTokensBefore => "vlm_budget_visual_tokens_before_total",
             Self::VisualTokensAfter => "vlm_budget_visual_tokens_after_total",
             Self::FailOpen => "vlm_budget_fail_open_total",
+            Self::EncodeCalls => "vlm_budget_encode_calls_total",
+            Self::EncodeRetries => "vlm_budget_encode_retries_total",
+            Self::EncodeFailures => "vlm_budget_encode_failures_total",
+            Self::EncodeFallbacks => "vlm_budget_encode_fallbacks_total",
         }
     }
 }
 
 /// Name of the transcode-time histogram (milliseconds per request).
 pub const TRANSCODE_HISTOGRAM: &str = "vlm_budget_transcode_ms";
+
+/// Name of the encode-phase histogram (milliseconds per request).
+pub const ENCODE_HISTOGRAM: &str = "vlm_budget_encode_ms";
 
 /// Name of the gauge of the VM's linear memory (bytes; grows, never shrinks).
 pub const VM_MEMORY_GAUGE: &str = "vlm_budget_vm_memory_bytes";
@@ -67,4 +106,5 @@ pub trait Metrics {
     fn add(&self, counter: Counter, n: u64);
     fn error(&self, code: &'static str);
     fn transcode_ms(&self, ms: u64);
+    fn encode_ms(&self, ms: u64);
 }
