@@ -27,9 +27,9 @@ def start_envoy(wasm, tmp_path_factory):
     """Factory: start_envoy(plugin_config, upstream) -> ready Envoy (stopped at module end)."""
     started = []
 
-    def start(plugin_config, upstream):
+    def start(plugin_config, upstream, encode_port=None):
         listen, admin = harness.free_port(), harness.free_port()
-        cfg = harness.render_config(plugin_config, upstream.port, listen, admin, wasm)
+        cfg = harness.render_config(plugin_config, upstream.port, listen, admin, wasm, encode_port)
         env = harness.Envoy(cfg, tmp_path_factory.mktemp("envoy"), admin, listen)
         started.append(env)
         return env.wait_ready()

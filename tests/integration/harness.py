@@ -75,6 +75,10 @@ class Recorder:
 
     def __init__(self, port: int = 0):
         self.requests: list[dict] = []
+        # Behaviour knobs for fault tests.
+        self.delay_s = 0.0
+        self.status = 200
+
         self.lock = threading.Lock()
         recorder = self
 
@@ -100,12 +104,15 @@ class Recorder:
 
             def _handle(self):
                 body = self._read_body()
+                record = {"method": self.command, "path": self.path, "at": time.monotonic(),
+                          "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
                 with recorder.lock:
-                    recorder.requests.append(
-                        {"method": self.command, "path": self.path,
-                         "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body})
+                    recorder.requests.append(record)
+                if recorder.delay_s:
+                    time.sleep(recorder.delay_s)
+                record["answered_at"] = time.monotonic()
                 reply = json.dumps({"object": "chat.completion", "received_bytes": len(body)}).encode()
-                self.send_response(200)
+                self.send_response(recorder.status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(reply)))
                 self.end_headers()
@@ -133,8 +140,11 @@ class Recorder:
 
 
 def render_config(plugin_config: dict | None, upstream_port: int, listen_port: int, admin_port: int,
-                  wasm: pathlib.Path = WASM) -> dict:
-    """envoy/envoy.yaml with test ports, the built module and a plugin config."""
+                  wasm: pathlib.Path = WASM, encode_port: int | None = None) -> dict:
+    """envoy/envoy.yaml with test ports, the built module and a plugin config.
+
+    encode_cluster points at `encode_port` (default: a closed port); the
+    plugin configuration is used as given (no encode_cluster in it: resize only)."""
     cfg = yaml.safe_load(ENVOY_YAML.read_text())
     cfg["admin"]["address"]["socket_address"]["port_value"] = admin_port
     listener = cfg["static_resources"]["listeners"][0]
@@ -144,9 +154,10 @@ def render_config(plugin_config: dict | None, upstream_port: int, listen_port: i
     wasm_cfg["vm_config"]["code"]["local"]["filename"] = str(wasm)
     if plugin_config is not None:
         wasm_cfg["configuration"]["value"] = json.dumps(plugin_config)
-    cluster = cfg["static_resources"]["clusters"][0]
-    addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
-    addr["socket_address"]["port_value"] = upstream_port
+    ports = {"pd_cluster": upstream_port, "encode_cluster": encode_port or free_port()}
+    for cluster in cfg["static_resources"]["clusters"]:
+        addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+        addr["socket_address"]["port_value"] = ports[cluster["name"]]
     return cfg
 
 
