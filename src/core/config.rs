@@ -2,7 +2,9 @@
 //! before the plugin accepts traffic. A bad configuration is refused with an
 //! error naming the field; the plugin never runs on silent defaults.
 
+use super::dynamic::DynamicParams;
 use super::encode::{EncodeFailure, EncodeFanout};
+use super::latency::{LatencyModel, H100_ENCODE, H100_PREFILL};
 use super::policy::PolicyKind;
 use super::sizing::SizingRule;
 use super::transcode::{ResizeFilter, TranscodeOptions};
@@ -27,6 +29,51 @@ impl Default for SizingConfig {
             merge_size: q.merge_size,
             min_pixels: q.min_pixels,
             max_pixels: q.max_pixels,
+        }
+    }
+}
+
+/// The GPUs' token -> latency relation (`profile`).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProfileConfig {
+    /// Vision encoder time for n visual tokens.
+    pub encode_ms: LatencyModel,
+    /// Prefill time for n prompt tokens (visual + text).
+    pub prefill_ms: LatencyModel,
+    /// Encoder replicas serving the encode cluster.
+    pub encode_replicas: u64,
+}
+
+impl Default for ProfileConfig {
+    fn default() -> Self {
+        Self {
+            encode_ms: H100_ENCODE,
+            prefill_ms: H100_PREFILL,
+            encode_replicas: 1,
+        }
+    }
+}
+
+/// Online correction of the profile from observed encode times.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CalibrationConfig {
+    pub enabled: bool,
+    /// Weight of one observation (0..1).
+    pub alpha: f64,
+    /// Bounds of the correction factor.
+    pub min_factor: f64,
+    pub max_factor: f64,
+}
+
+impl Default for CalibrationConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            alpha: 0.1,
+            min_factor: 0.5,
+            max_factor: 4.0,
         }
     }
 }
@@ -72,6 +119,31 @@ pub struct Config {
     pub encode_failure: EncodeFailure,
     /// `per_image` or `per_request`.
     pub encode_fanout: EncodeFanout,
+    /// Dynamic policy: time-to-first-token SLO, ms.
+    pub ttft_slo_ms: u64,
+    /// Bounds of a per-request SLO given in `x-slo-ttft-ms`.
+    pub slo_min_ms: u64,
+    pub slo_max_ms: u64,
+    /// The budget aims at `ttft_slo_ms * slo_headroom` (0..1].
+    pub slo_headroom: f64,
+    /// Fixed per-request time outside encode and prefill, ms.
+    pub overhead_ms: f64,
+    /// Encoder utilisation cap for queue stability (0..1).
+    pub max_utilisation: f64,
+    /// Text bytes per prompt token (prefill estimate).
+    pub text_bytes_per_token: f64,
+    /// Time constant of the arrival-rate estimates, seconds.
+    pub rate_window_s: f64,
+    /// The GPU latency profile.
+    pub profile: ProfileConfig,
+    /// Online calibration of the profile.
+    pub calibration: CalibrationConfig,
+    /// Poll the encode cluster's Prometheus metrics every this many ms (0: off).
+    pub metrics_poll_ms: u64,
+    /// Path of the encoders' metrics.
+    pub metrics_path: String,
+    /// A cluster reading older than this is ignored, ms.
+    pub metrics_stale_ms: u64,
 }
 
 impl Default for Config {
@@ -95,6 +167,19 @@ impl Default for Config {
             encode_retries: 1,
             encode_failure: EncodeFailure::Fallback,
             encode_fanout: EncodeFanout::PerImage,
+            ttft_slo_ms: 1000,
+            slo_min_ms: 100,
+            slo_max_ms: 60_000,
+            slo_headroom: 0.9,
+            overhead_ms: 30.0,
+            max_utilisation: 0.85,
+            text_bytes_per_token: 4.0,
+            rate_window_s: 10.0,
+            profile: ProfileConfig::default(),
+            calibration: CalibrationConfig::default(),
+            metrics_poll_ms: 1000,
+            metrics_path: "/metrics".into(),
+            metrics_stale_ms: 5000,
         }
     }
 }
@@ -234,13 +319,91 @@ impl Config {
         if self.encode_retries > 10 {
             return Err(bad("encode_retries", "must be 0..=10"));
         }
-        if self.policy == PolicyKind::Dynamic {
-            return Err(bad(
-                "policy",
-                "`dynamic` is not available in this build; use `vanilla` or `static`",
-            ));
-        }
+        self.validate_dynamic()?;
         Ok(self)
+    }
+
+    fn validate_dynamic(&self) -> Result<(), ConfigError> {
+        let frac = |v: f64| v.is_finite() && v > 0.0 && v <= 1.0;
+        if self.slo_min_ms == 0 || self.slo_min_ms > self.slo_max_ms {
+            return Err(bad("slo_min_ms", "must be >= 1 and <= slo_max_ms"));
+        }
+        if !(self.slo_min_ms..=self.slo_max_ms).contains(&self.ttft_slo_ms) {
+            return Err(bad("ttft_slo_ms", "must be within slo_min_ms..=slo_max_ms"));
+        }
+        if !frac(self.slo_headroom) {
+            return Err(bad("slo_headroom", "must be in (0, 1]"));
+        }
+        if !frac(self.max_utilisation) {
+            return Err(bad("max_utilisation", "must be in (0, 1]"));
+        }
+        if !(self.overhead_ms.is_finite() && self.overhead_ms >= 0.0) {
+            return Err(bad("overhead_ms", "must be >= 0"));
+        }
+        if !(self.text_bytes_per_token.is_finite() && self.text_bytes_per_token >= 0.5) {
+            return Err(bad("text_bytes_per_token", "must be >= 0.5"));
+        }
+        if !(self.rate_window_s.is_finite() && (0.1..=3600.0).contains(&self.rate_window_s)) {
+            return Err(bad("rate_window_s", "must be 0.1..=3600"));
+        }
+        self.profile
+            .encode_ms
+            .validate()
+            .map_err(|e| bad("profile.encode_ms", e.0))?;
+        self.profile
+            .prefill_ms
+            .validate()
+            .map_err(|e| bad("profile.prefill_ms", e.0))?;
+        if !(1..=10_000).contains(&self.profile.encode_replicas) {
+            return Err(bad("profile.encode_replicas", "must be 1..=10000"));
+        }
+        let c = &self.calibration;
+        if !(c.alpha.is_finite() && c.alpha > 0.0 && c.alpha <= 1.0) {
+            return Err(bad("calibration.alpha", "must be in (0, 1]"));
+        }
+        if !(c.min_factor.is_finite() && c.min_factor > 0.0 && c.min_factor <= 1.0) {
+            return Err(bad("calibration.min_factor", "must be in (0, 1]"));
+        }
+        if !(c.max_factor.is_finite() && c.max_factor >= 1.0 && c.max_factor <= 100.0) {
+            return Err(bad("calibration.max_factor", "must be in [1, 100]"));
+        }
+        if self.metrics_poll_ms != 0 && !(100..=600_000).contains(&self.metrics_poll_ms) {
+            return Err(bad("metrics_poll_ms", "must be 0 (off) or 100..=600000"));
+        }
+        if !self.metrics_path.starts_with('/') {
+            return Err(bad("metrics_path", "must start with '/'"));
+        }
+        if self.metrics_stale_ms < self.metrics_poll_ms {
+            return Err(bad("metrics_stale_ms", "must be >= metrics_poll_ms"));
+        }
+        Ok(())
+    }
+
+    /// The dynamic policy's parameters.
+    pub fn dynamic_params(&self) -> DynamicParams {
+        DynamicParams {
+            encode: self.profile.encode_ms.clone(),
+            prefill: self.profile.prefill_ms.clone(),
+            encode_replicas: u32::try_from(self.profile.encode_replicas).unwrap_or(u32::MAX),
+            slo_headroom: self.slo_headroom,
+            overhead_ms: self.overhead_ms,
+            max_utilisation: self.max_utilisation,
+            min_tokens_per_image: self.min_tokens_per_image,
+            text_bytes_per_token: self.text_bytes_per_token,
+            fanout: self.encode_fanout,
+        }
+    }
+
+    /// The SLO for a request: the `x-slo-ttft-ms` value within bounds, or
+    /// the configured one (also for a value that does not parse).
+    pub fn slo_for(&self, header: Option<&str>) -> f64 {
+        let configured = self.ttft_slo_ms as f64;
+        header
+            .and_then(|h| h.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+            .map_or(configured, |v| {
+                v.clamp(self.slo_min_ms as f64, self.slo_max_ms as f64)
+            })
     }
 
     pub fn sizing_rule(&self) -> SizingRule {
@@ -295,6 +458,22 @@ mod tests {
     }
 
     #[test]
+    fn dynamic_config_and_slo_header() {
+        let c = Config::from_json(
+            br#"{"policy":"dynamic","ttft_slo_ms":800,"profile":{"encode_ms":{"table":[[0,10],[1000,40]]},
+                "prefill_ms":{"a":1,"b":0.01,"c":0},"encode_replicas":2},"calibration":{"enabled":false}}"#,
+        )
+        .expect("valid");
+        assert_eq!(c.policy, PolicyKind::Dynamic);
+        assert_eq!(c.dynamic_params().encode_replicas, 2);
+        assert_eq!(c.slo_for(None), 800.0);
+        assert_eq!(c.slo_for(Some("1500")), 1500.0);
+        assert_eq!(c.slo_for(Some("5")), 100.0);
+        assert_eq!(c.slo_for(Some("1e9")), 60_000.0);
+        assert_eq!(c.slo_for(Some("soon")), 800.0);
+    }
+
+    #[test]
     fn errors_name_the_field() {
         assert_eq!(err(r#"{"polcy":"static"}"#).field, "polcy");
         assert!(err(r#"{"polcy":"static"}"#)
@@ -323,5 +502,23 @@ mod tests {
         assert_eq!(err(r#"{"encode_fanout":"all"}"#).field, "encode_fanout");
         assert_eq!(err(r#"{"encode_failure":"retry"}"#).field, "encode_failure");
         assert_eq!(err(r#"{"encode_path":"v1"}"#).field, "encode_path");
+        assert_eq!(err(r#"{"slo_headroom":1.5}"#).field, "slo_headroom");
+        assert_eq!(err(r#"{"ttft_slo_ms":10}"#).field, "ttft_slo_ms");
+        assert_eq!(err(r#"{"max_utilisation":0}"#).field, "max_utilisation");
+        assert_eq!(
+            err(r#"{"profile":{"encode_ms":{"a":1,"b":0,"c":0}}}"#).field,
+            "profile.encode_ms"
+        );
+        assert_eq!(
+            err(r#"{"profile":{"prefill_ms":{"table":[[1,2]]}}}"#).field,
+            "profile.prefill_ms"
+        );
+        assert_eq!(
+            err(r#"{"profile":{"encode_replicas":0}}"#).field,
+            "profile.encode_replicas"
+        );
+        assert_eq!(err(r#"{"profile":{"gpus":1}}"#).field, "profile.gpus");
+        assert_eq!(err(r#"{"calibration":{"alpha":2}}"#).field, "calibration.alpha");
+        assert_eq!(err(r#"{"metrics_poll_ms":5}"#).field, "metrics_poll_ms");
     }
 }

@@ -3,11 +3,15 @@
 pub mod base64buf;
 pub mod config;
 pub mod datauri;
+pub mod dynamic;
 pub mod encode;
 pub mod error;
+pub mod latency;
 pub mod pipeline;
 pub mod policy;
 pub mod probe;
+pub mod prometheus;
 pub mod request;
 pub mod sizing;
+pub mod traffic;
 pub mod transcode;

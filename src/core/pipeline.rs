@@ -13,6 +13,7 @@ use super::policy::{BudgetPolicy, PolicyInput, PolicyKind};
 use super::probe::{probe, ImageFormat, ImageHeader, ProbeError};
 use super::request::{scan, splice, RequestError};
 use super::sizing::Dims;
+use super::traffic::TrafficSnapshot;
 use super::transcode::{transcode, TranscodeError};
 use std::ops::Range;
 
@@ -44,7 +45,7 @@ pub struct ImageReport {
 }
 
 /// The result for one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     /// The new body, when any image was rewritten.
     pub body: Option<Vec<u8>>,
@@ -52,6 +53,27 @@ pub struct Outcome {
     pub policy: PolicyKind,
     /// The per-image budget the policy reported.
     pub budget_tokens: u64,
+    /// Why the budget is what it is (dynamic policy).
+    pub reason: Option<&'static str>,
+    /// Predicted TTFT, ms (dynamic policy).
+    pub predicted_ttft_ms: Option<f64>,
+}
+
+/// What the request's surroundings tell the policy.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestContext {
+    pub traffic: TrafficSnapshot,
+    /// SLO from `x-slo-ttft-ms`, already bounded.
+    pub slo_ms: Option<f64>,
+}
+
+impl Default for RequestContext {
+    fn default() -> Self {
+        Self {
+            traffic: TrafficSnapshot::idle(),
+            slo_ms: None,
+        }
+    }
 }
 
 impl Outcome {
@@ -98,6 +120,7 @@ pub fn process(
     body: &[u8],
     cfg: &Config,
     policy: &dyn BudgetPolicy,
+    ctx: &RequestContext,
     clock: &dyn Fn() -> u64,
 ) -> Result<Outcome, FilterError> {
     if body.len() as u64 > cfg.max_body_bytes {
@@ -124,6 +147,8 @@ pub fn process(
     let budgets = policy.budgets(&PolicyInput {
         image_tokens: &tokens,
         text_bytes: req.text_bytes,
+        traffic: &ctx.traffic,
+        slo_ms: ctx.slo_ms,
     });
     let opts = cfg.transcode_options();
     let mut edits = Vec::new();
@@ -204,6 +229,8 @@ pub fn process(
         images,
         policy: policy.kind(),
         budget_tokens: budgets.reported,
+        reason: budgets.reason,
+        predicted_ttft_ms: budgets.predicted_ttft_ms,
     })
 }
 
@@ -295,7 +322,13 @@ mod tests {
     }
 
     fn run(body: &str, cfg: &Config) -> Result<Outcome, FilterError> {
-        process(body.as_bytes(), cfg, from_config(cfg).as_ref(), &|| 0)
+        process(
+            body.as_bytes(),
+            cfg,
+            from_config(cfg).as_ref(),
+            &RequestContext::default(),
+            &|| 0,
+        )
     }
 
     #[test]
@@ -419,6 +452,7 @@ mod tests {
             body(&[big]).as_bytes(),
             &cfg,
             &Static { tokens_per_image: 10 },
+            &RequestContext::default(),
             &|| 0,
         )
         .expect("ok");

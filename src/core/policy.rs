@@ -5,6 +5,8 @@
 //! nothing else in the filter changes.
 
 use super::config::Config;
+use super::dynamic::{water_fill, Demand, DynamicParams};
+use super::traffic::TrafficSnapshot;
 use serde::Deserialize;
 
 /// The configured policy.
@@ -38,15 +40,34 @@ pub struct PolicyInput<'a> {
     pub image_tokens: &'a [Option<u64>],
     /// Bytes of text in the request.
     pub text_bytes: usize,
+    /// Live traffic (idle for policies that ignore it).
+    pub traffic: &'a TrafficSnapshot,
+    /// This request's TTFT SLO in ms (already bounded), if it set one.
+    pub slo_ms: Option<f64>,
 }
 
 /// A policy's decision.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Budgets {
     /// Token cap per image, parallel to `image_tokens`; `None`: no cap.
     pub per_image: Vec<Option<u64>>,
     /// The per-image budget reported in `x-vlm-budget-tokens`.
     pub reported: u64,
+    /// Why (dynamic policy only).
+    pub reason: Option<&'static str>,
+    /// Predicted TTFT in ms (dynamic policy only).
+    pub predicted_ttft_ms: Option<f64>,
+}
+
+impl Budgets {
+    fn fixed(per_image: Vec<Option<u64>>, reported: u64) -> Self {
+        Self {
+            per_image,
+            reported,
+            reason: None,
+            predicted_ttft_ms: None,
+        }
+    }
 }
 
 /// A budget policy.
@@ -66,10 +87,7 @@ impl BudgetPolicy for Vanilla {
         PolicyKind::Vanilla
     }
     fn budgets(&self, input: &PolicyInput<'_>) -> Budgets {
-        Budgets {
-            per_image: vec![None; input.image_tokens.len()],
-            reported: self.backend_max_tokens,
-        }
+        Budgets::fixed(vec![None; input.image_tokens.len()], self.backend_max_tokens)
     }
 }
 
@@ -84,9 +102,47 @@ impl BudgetPolicy for Static {
         PolicyKind::Static
     }
     fn budgets(&self, input: &PolicyInput<'_>) -> Budgets {
+        Budgets::fixed(
+            vec![Some(self.tokens_per_image); input.image_tokens.len()],
+            self.tokens_per_image,
+        )
+    }
+}
+
+/// Traffic-aware budgets from the TTFT SLO, the latency profile and live
+/// traffic (see [`DynamicParams::solve`]), water-filled across images.
+#[derive(Debug, Clone)]
+pub struct Dynamic {
+    pub params: DynamicParams,
+    /// Default TTFT SLO, ms.
+    pub slo_ms: f64,
+}
+
+impl BudgetPolicy for Dynamic {
+    fn kind(&self) -> PolicyKind {
+        PolicyKind::Dynamic
+    }
+    fn budgets(&self, input: &PolicyInput<'_>) -> Budgets {
+        let sizable: Vec<u64> = input.image_tokens.iter().flatten().copied().collect();
+        let demand = Demand {
+            original_tokens: sizable.iter().sum(),
+            images: sizable.len() as u64,
+            text_bytes: input.text_bytes,
+            slo_ms: input.slo_ms.unwrap_or(self.slo_ms),
+        };
+        let decision = self.params.solve(&demand, input.traffic);
+        let mut shares = water_fill(&sizable, decision.total).into_iter();
+        let per_image: Vec<Option<u64>> = input
+            .image_tokens
+            .iter()
+            .map(|t| t.and_then(|_| shares.next()))
+            .collect();
+        let reported = per_image.iter().flatten().copied().max().unwrap_or(0);
         Budgets {
-            per_image: vec![Some(self.tokens_per_image); input.image_tokens.len()],
-            reported: self.tokens_per_image,
+            per_image,
+            reported,
+            reason: Some(decision.reason.name()),
+            predicted_ttft_ms: Some(decision.predicted_ttft_ms),
         }
     }
 }
@@ -97,10 +153,12 @@ pub fn from_config(cfg: &Config) -> Box<dyn BudgetPolicy> {
         PolicyKind::Vanilla => Box::new(Vanilla {
             backend_max_tokens: cfg.sizing_rule().max_tokens(),
         }),
-        // `dynamic` is refused by validation until it is implemented; static
-        // is the safe stand-in should an unvalidated config reach here.
-        PolicyKind::Static | PolicyKind::Dynamic => Box::new(Static {
+        PolicyKind::Static => Box::new(Static {
             tokens_per_image: cfg.static_budget_tokens,
+        }),
+        PolicyKind::Dynamic => Box::new(Dynamic {
+            params: cfg.dynamic_params(),
+            slo_ms: cfg.ttft_slo_ms as f64,
         }),
     }
 }
@@ -112,8 +170,11 @@ mod tests {
     #[test]
     fn static_and_vanilla() {
         let tokens = [Some(10_000), None, Some(100)];
+        let idle = TrafficSnapshot::idle();
         let input = PolicyInput {
             image_tokens: &tokens,
+            traffic: &idle,
+            slo_ms: None,
             text_bytes: 0,
         };
         let s = Static {
@@ -128,5 +189,48 @@ mod tests {
         .budgets(&input);
         assert_eq!(v.per_image, vec![None; 3]);
         assert_eq!(v.reported, 16_384);
+    }
+
+    #[test]
+    fn dynamic_water_fills_sizable_images_only() {
+        let cfg = Config {
+            policy: PolicyKind::Dynamic,
+            ..Config::default()
+        };
+        let policy = from_config(&cfg);
+        let tokens = [Some(11_782), None, Some(300)];
+        let busy = TrafficSnapshot {
+            encode_outstanding_ms: 400.0,
+            ..TrafficSnapshot::idle()
+        };
+        let b = policy.budgets(&PolicyInput {
+            image_tokens: &tokens,
+            text_bytes: 100,
+            traffic: &busy,
+            slo_ms: None,
+        });
+        assert_eq!(b.per_image[1], None);
+        assert_eq!(b.per_image[2], Some(300));
+        let big = b.per_image[0].unwrap_or(0);
+        assert!(big > 256 && big < 11_782, "{big}");
+        assert_eq!(b.reason, Some("slo"));
+        assert_eq!(b.reported, big);
+        // A tighter per-request SLO gives less.
+        let tight = policy.budgets(&PolicyInput {
+            image_tokens: &tokens,
+            text_bytes: 100,
+            traffic: &busy,
+            slo_ms: Some(700.0),
+        });
+        assert!(tight.per_image[0].unwrap_or(0) < big);
+        // Idle: everything kept.
+        let idle = TrafficSnapshot::idle();
+        let b = policy.budgets(&PolicyInput {
+            image_tokens: &tokens,
+            text_bytes: 100,
+            traffic: &idle,
+            slo_ms: None,
+        });
+        assert_eq!((b.per_image[0], b.reason), (Some(11_782), Some("unconstrained")));
     }
 }

@@ -1,11 +1,15 @@
-//! Request state machine: headers → buffer body → process → forward.
+//! Request state machine: headers → buffer body → process → (encode) →
+//! forward, with every traffic counter the request raises released on
+//! every path (answer, error, timeout, client reset) by `on_done`.
 
-use super::host::{Counter, EncodeCall, HttpHost, Metrics};
+use super::host::{Counter, EncodeCall, HttpHost, Services};
 use crate::core::config::Config;
+use crate::core::dynamic::DynamicParams;
 use crate::core::encode::{encode_requests, EncodeFailure};
 use crate::core::error::FilterError;
-use crate::core::pipeline::{process, ImageAction, Outcome};
+use crate::core::pipeline::{process, ImageAction, Outcome, RequestContext};
 use crate::core::policy::{self, BudgetPolicy};
+use crate::core::traffic::{TrafficSnapshot, TrafficState};
 use std::rc::Rc;
 
 /// What the host should do after a callback.
@@ -19,16 +23,30 @@ pub enum Verdict {
 pub struct Shared {
     pub config: Config,
     pub policy: Box<dyn BudgetPolicy>,
+    /// Latency predictions for the traffic counters (any policy).
+    pub params: DynamicParams,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Self {
         let policy = policy::from_config(&config);
-        Self { config, policy }
+        let params = config.dynamic_params();
+        Self {
+            config,
+            policy,
+            params,
+        }
+    }
+
+    /// The traffic as a request arriving now sees it.
+    pub fn snapshot(&self, svc: &dyn Services, now_us: u64) -> TrafficSnapshot {
+        let cfg = &self.config;
+        let cluster = svc.cluster().filter(|c| c.fresh(now_us, cfg.metrics_stale_ms));
+        TrafficSnapshot::of(&svc.state(), cluster, now_us, cfg.rate_window_s)
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 enum State {
     /// Not a request the filter acts on.
     Bypass,
@@ -49,7 +67,7 @@ struct Report {
 }
 
 /// Encode calls of one request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 struct Encoding {
     report: Report,
     bodies: Vec<Vec<u8>>,
@@ -59,6 +77,16 @@ struct Encoding {
     failed: Vec<(usize, String)>,
     calls: u64,
     started_us: u64,
+    /// Predicted duration of the encode phase (queue wait + service), ms.
+    predicted_ms: f64,
+}
+
+/// Traffic counters this request holds, released exactly once.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Held {
+    encode_calls: i64,
+    encode_work_us: i64,
+    pd: bool,
 }
 
 pub const HEADER_POLICY: &str = "x-vlm-policy";
@@ -72,6 +100,9 @@ pub const HEADER_FAIL_OPEN: &str = "x-vlm-fail-open";
 pub const HEADER_ENCODE: &str = "x-vlm-encode";
 pub const HEADER_ENCODE_MS: &str = "x-vlm-encode-ms";
 pub const HEADER_ENCODE_CALLS: &str = "x-vlm-encode-calls";
+pub const HEADER_PREDICTED_TTFT: &str = "x-vlm-predicted-ttft-ms";
+pub const HEADER_REASON: &str = "x-vlm-budget-reason";
+pub const HEADER_SLO: &str = "x-slo-ttft-ms";
 pub const REQUEST_ID: &str = "x-request-id";
 
 /// One request's filter.
@@ -79,6 +110,8 @@ pub struct RequestFilter {
     shared: Rc<Shared>,
     state: State,
     request_id: Option<String>,
+    slo_ms: Option<f64>,
+    held: Held,
 }
 
 impl RequestFilter {
@@ -87,13 +120,15 @@ impl RequestFilter {
             shared,
             state: State::Bypass,
             request_id: None,
+            slo_ms: None,
+            held: Held::default(),
         }
     }
 
     pub fn on_request_headers(
         &mut self,
         host: &mut dyn HttpHost,
-        metrics: &dyn Metrics,
+        svc: &dyn Services,
         end_of_stream: bool,
     ) -> Verdict {
         let cfg = &self.shared.config;
@@ -103,9 +138,10 @@ impl RequestFilter {
         if !acts || end_of_stream {
             return Verdict::Continue;
         }
-        metrics.add(Counter::Requests, 1);
+        svc.add(Counter::Requests, 1);
         // The body may change length: let Envoy frame it (chunked / h2 data).
         host.remove_request_header("content-length");
+        self.slo_ms = host.request_header(HEADER_SLO).map(|h| cfg.slo_for(Some(&h)));
         if cfg.encode_cluster.is_some() {
             // Encode and PD calls share the id; headers can only change now.
             let id = match host.request_header(REQUEST_ID) {
@@ -125,18 +161,19 @@ impl RequestFilter {
     pub fn on_request_body(
         &mut self,
         host: &mut dyn HttpHost,
-        metrics: &dyn Metrics,
+        svc: &dyn Services,
         body_size: usize,
         end_of_stream: bool,
     ) -> Verdict {
         if self.state != State::Buffering {
             return Verdict::Continue;
         }
-        let cfg = &self.shared.config;
+        let shared = Rc::clone(&self.shared);
+        let cfg = &shared.config;
         if body_size as u64 > cfg.max_body_bytes {
             return self.fail(
                 host,
-                metrics,
+                svc,
                 FilterError::BodyTooLarge {
                     limit: cfg.max_body_bytes,
                 },
@@ -146,45 +183,69 @@ impl RequestFilter {
             return Verdict::Pause;
         }
         let Some(body) = host.request_body(body_size) else {
-            return self.fail(host, metrics, FilterError::InvalidJson("empty body".into()));
+            return self.fail(host, svc, FilterError::InvalidJson("empty body".into()));
+        };
+        let now = host.now_micros();
+        let ctx = RequestContext {
+            traffic: shared.snapshot(svc, now),
+            slo_ms: self.slo_ms,
         };
         let clock = || host.now_micros();
-        let outcome = match process(&body, cfg, self.shared.policy.as_ref(), &clock) {
+        let outcome = match process(&body, cfg, shared.policy.as_ref(), &ctx, &clock) {
             Ok(outcome) => outcome,
-            Err(e) => return self.fail(host, metrics, e),
+            Err(e) => return self.fail(host, svc, e),
         };
         if let Some(new_body) = &outcome.body {
             host.replace_request_body(body_size, new_body);
         }
-        record(metrics, &outcome);
+        record(svc, &outcome);
         let report = report_of(&outcome);
-        let has_images = !outcome.images.is_empty();
+        let images = outcome.images.len() as u64;
+        let tokens = outcome.tokens_after();
         let final_body = outcome.body.unwrap_or(body);
-        match (&cfg.encode_cluster, has_images) {
-            (Some(_), true) => self.start_encoding(host, metrics, &final_body, report),
-            _ => {
-                self.state = State::Done(report);
-                Verdict::Continue
-            }
+        if images > 0 {
+            let window = cfg.rate_window_s;
+            let state = svc.update(&mut |s| s.record_arrival(now, images, tokens, window));
+            svc.publish(&state);
         }
+        match (&cfg.encode_cluster, images > 0) {
+            (Some(_), true) => self.start_encoding(host, svc, &final_body, report, tokens, &ctx.traffic),
+            _ => self.forward(svc, report),
+        }
+    }
+
+    /// The request continues to prefill/decode.
+    fn forward(&mut self, svc: &dyn Services, report: Report) -> Verdict {
+        self.state = State::Done(report);
+        if !self.held.pd {
+            self.held.pd = true;
+            let state = svc.update(&mut |s| s.pd_inflight += 1);
+            svc.publish(&state);
+        }
+        Verdict::Continue
     }
 
     /// Sends the encode calls; the request waits for their answers.
     fn start_encoding(
         &mut self,
         host: &mut dyn HttpHost,
-        metrics: &dyn Metrics,
+        svc: &dyn Services,
         body: &[u8],
         report: Report,
+        tokens: u64,
+        traffic: &TrafficSnapshot,
     ) -> Verdict {
         let bodies = match encode_requests(body, self.shared.config.encode_fanout) {
             Ok(b) if !b.is_empty() => b,
             // The body was just parsed, so this cannot fail; forward as is.
-            _ => {
-                self.state = State::Done(report);
-                return Verdict::Continue;
-            }
+            _ => return self.forward(svc, report),
         };
+        let params = &self.shared.params;
+        let work_ms = traffic.calibration * params.encode.predict(tokens as f64);
+        let work_us = (work_ms * 1000.0) as i64;
+        self.held.encode_work_us = work_us;
+        let state = svc.update(&mut |s| s.encode_outstanding_us += work_us);
+        svc.publish(&state);
         let mut enc = Encoding {
             report,
             bodies,
@@ -192,20 +253,21 @@ impl RequestFilter {
             failed: Vec::new(),
             calls: 0,
             started_us: host.now_micros(),
+            predicted_ms: params.queue_wait_ms(traffic) + work_ms,
         };
         for index in 0..enc.bodies.len() {
-            self.send(host, metrics, &mut enc, index, 0);
+            self.send(host, svc, &mut enc, index, 0);
         }
         self.state = State::Encoding(enc);
-        self.after_encode_event(host, metrics, false)
+        self.after_encode_event(host, svc, false)
     }
 
     /// Dispatches body `index` (attempt `attempt`); a dispatch the host
     /// refuses outright (unknown cluster) fails that body at once.
     fn send(
-        &self,
+        &mut self,
         host: &mut dyn HttpHost,
-        metrics: &dyn Metrics,
+        svc: &dyn Services,
         enc: &mut Encoding,
         index: usize,
         attempt: u64,
@@ -222,10 +284,15 @@ impl RequestFilter {
             body: &enc.bodies[index],
             timeout_ms: cfg.encode_timeout_ms,
         };
-        metrics.add(Counter::EncodeCalls, 1);
+        svc.add(Counter::EncodeCalls, 1);
         enc.calls += 1;
         match host.dispatch(&call) {
-            Ok(token) => enc.pending.push((token, index, attempt)),
+            Ok(token) => {
+                enc.pending.push((token, index, attempt));
+                self.held.encode_calls += 1;
+                let state = svc.update(&mut |s| s.encode_inflight += 1);
+                svc.publish(&state);
+            }
             Err(e) => {
                 log::warn!("vlm-budget: encode dispatch to {cluster} refused: {e}");
                 enc.failed.push((index, format!("dispatch refused: {e}")));
@@ -238,7 +305,7 @@ impl RequestFilter {
     pub fn on_encode_response(
         &mut self,
         host: &mut dyn HttpHost,
-        metrics: &dyn Metrics,
+        svc: &dyn Services,
         token: u32,
         status: Option<u32>,
     ) -> Verdict {
@@ -250,27 +317,25 @@ impl RequestFilter {
             return Verdict::Continue;
         };
         let (_, index, attempt) = enc.pending.swap_remove(pos);
+        self.held.encode_calls -= 1;
+        let state = svc.update(&mut |s| s.encode_inflight -= 1);
+        svc.publish(&state);
         if !status.is_some_and(|s| (200..300).contains(&s)) {
             let why = status.map_or_else(|| "call failed".to_string(), |s| format!("HTTP {s}"));
             if attempt < self.shared.config.encode_retries {
                 log::debug!("vlm-budget: encode call failed ({why}); retrying");
-                metrics.add(Counter::EncodeRetries, 1);
-                self.send(host, metrics, &mut enc, index, attempt + 1);
+                svc.add(Counter::EncodeRetries, 1);
+                self.send(host, svc, &mut enc, index, attempt + 1);
             } else {
                 enc.failed.push((index, why));
             }
         }
         self.state = State::Encoding(enc);
-        self.after_encode_event(host, metrics, true)
+        self.after_encode_event(host, svc, true)
     }
 
     /// Resumes, fails or keeps waiting, once the calls' state has changed.
-    fn after_encode_event(
-        &mut self,
-        host: &mut dyn HttpHost,
-        metrics: &dyn Metrics,
-        resume: bool,
-    ) -> Verdict {
+    fn after_encode_event(&mut self, host: &mut dyn HttpHost, svc: &dyn Services, resume: bool) -> Verdict {
         let State::Encoding(enc) = &self.state else {
             return Verdict::Continue;
         };
@@ -281,30 +346,44 @@ impl RequestFilter {
         let State::Encoding(enc) = std::mem::replace(&mut self.state, State::Bypass) else {
             return Verdict::Continue;
         };
-        let elapsed_ms = host.now_micros().saturating_sub(enc.started_us) / 1000;
-        metrics.encode_ms(elapsed_ms);
+        let elapsed_us = host.now_micros().saturating_sub(enc.started_us);
+        let elapsed_ms = elapsed_us / 1000;
+        svc.encode_ms(elapsed_ms);
+        // The encoder has this request's work behind it now.
+        let work = std::mem::take(&mut self.held.encode_work_us);
+        let cal = &self.shared.config.calibration;
+        let calibrate = cal.enabled && enc.failed.is_empty();
+        let (alpha, min, max) = (cal.alpha, cal.min_factor, cal.max_factor);
+        let observed = elapsed_us as f64 / 1000.0;
+        let state = svc.update(&mut |s| {
+            s.encode_outstanding_us -= work;
+            if calibrate {
+                s.calibrate(observed, enc.predicted_ms, alpha, min, max);
+            }
+        });
+        svc.publish(&state);
         let mut report = enc.report;
         let outcome = if enc.failed.is_empty() {
             "ok"
         } else {
-            metrics.add(Counter::EncodeFailures, 1);
+            svc.add(Counter::EncodeFailures, 1);
             if self.shared.config.encode_failure == EncodeFailure::Fail {
                 let (index, why) = &enc.failed[0];
                 let detail = format!("encode request {index} failed after retries: {why}");
-                return self.reply_error(host, metrics, FilterError::EncoderUnavailable(detail));
+                return self.reply_error(host, svc, FilterError::EncoderUnavailable(detail));
             }
-            metrics.add(Counter::EncodeFallbacks, 1);
+            svc.add(Counter::EncodeFallbacks, 1);
             log::warn!("vlm-budget: encoder failed; prefill/decode will encode the images itself");
             "fallback"
         };
         report.headers.push((HEADER_ENCODE, outcome.to_string()));
         report.headers.push((HEADER_ENCODE_MS, elapsed_ms.to_string()));
         report.headers.push((HEADER_ENCODE_CALLS, enc.calls.to_string()));
-        self.state = State::Done(report);
+        let verdict = self.forward(svc, report);
         if resume {
             host.resume_request();
         }
-        Verdict::Continue
+        verdict
     }
 
     pub fn on_response_headers(&mut self, host: &mut dyn HttpHost) -> Verdict {
@@ -316,25 +395,40 @@ impl RequestFilter {
         Verdict::Continue
     }
 
-    fn fail(&mut self, host: &mut dyn HttpHost, metrics: &dyn Metrics, err: FilterError) -> Verdict {
+    /// The stream is over (answered, failed, or reset by either side):
+    /// release whatever this request still holds.
+    pub fn on_done(&mut self, svc: &dyn Services) {
+        let held = std::mem::take(&mut self.held);
+        if held == Held::default() {
+            return;
+        }
+        let state = svc.update(&mut |s: &mut TrafficState| {
+            s.encode_inflight -= held.encode_calls;
+            s.encode_outstanding_us -= held.encode_work_us;
+            s.pd_inflight -= i64::from(held.pd);
+        });
+        svc.publish(&state);
+    }
+
+    fn fail(&mut self, host: &mut dyn HttpHost, svc: &dyn Services, err: FilterError) -> Verdict {
         if self.shared.config.fail_open {
-            metrics.error(err.code());
+            svc.error(err.code());
             log::warn!("vlm-budget: forwarding unchanged (fail_open): {err}");
-            metrics.add(Counter::FailOpen, 1);
+            svc.add(Counter::FailOpen, 1);
             let policy = self.shared.config.policy.name();
-            self.state = State::Done(Report {
+            let report = Report {
                 headers: vec![
                     (HEADER_POLICY, policy.to_string()),
                     (HEADER_FAIL_OPEN, err.code().to_string()),
                 ],
-            });
-            return Verdict::Continue;
+            };
+            return self.forward(svc, report);
         }
-        self.reply_error(host, metrics, err)
+        self.reply_error(host, svc, err)
     }
 
-    fn reply_error(&mut self, host: &mut dyn HttpHost, metrics: &dyn Metrics, err: FilterError) -> Verdict {
-        metrics.error(err.code());
+    fn reply_error(&mut self, host: &mut dyn HttpHost, svc: &dyn Services, err: FilterError) -> Verdict {
+        svc.error(err.code());
         log::info!("vlm-budget: rejecting request: {}", err.code());
         let policy = self.shared.config.policy.name();
         host.send_local_reply(
@@ -347,43 +441,49 @@ impl RequestFilter {
     }
 }
 
-fn record(metrics: &dyn Metrics, o: &Outcome) {
+fn record(svc: &dyn Services, o: &Outcome) {
     let resized = o.resized() as u64;
     let passed = o
         .images
         .iter()
         .filter(|i| matches!(i.action, ImageAction::Passed { .. }))
         .count() as u64;
-    metrics.add(Counter::ImagesResized, resized);
-    metrics.add(Counter::ImagesPassed, passed);
-    metrics.add(Counter::VisualTokensBefore, o.tokens_before());
-    metrics.add(Counter::VisualTokensAfter, o.tokens_after());
+    svc.add(Counter::ImagesResized, resized);
+    svc.add(Counter::ImagesPassed, passed);
+    svc.add(Counter::VisualTokensBefore, o.tokens_before());
+    svc.add(Counter::VisualTokensAfter, o.tokens_after());
     if resized > 0 {
-        metrics.transcode_ms(o.transcode_micros() / 1000);
+        svc.transcode_ms(o.transcode_micros() / 1000);
     }
 }
 
 fn report_of(o: &Outcome) -> Report {
-    Report {
-        headers: vec![
-            (HEADER_POLICY, o.policy.name().to_string()),
-            (HEADER_BUDGET, o.budget_tokens.to_string()),
-            (HEADER_BEFORE, o.tokens_before().to_string()),
-            (HEADER_AFTER, o.tokens_after().to_string()),
-            (HEADER_IMAGES, o.images.len().to_string()),
-            (HEADER_RESIZED, o.resized().to_string()),
-            (
-                HEADER_TRANSCODE,
-                format!("{:.1}", o.transcode_micros() as f64 / 1000.0),
-            ),
-        ],
+    let mut headers = vec![
+        (HEADER_POLICY, o.policy.name().to_string()),
+        (HEADER_BUDGET, o.budget_tokens.to_string()),
+        (HEADER_BEFORE, o.tokens_before().to_string()),
+        (HEADER_AFTER, o.tokens_after().to_string()),
+        (HEADER_IMAGES, o.images.len().to_string()),
+        (HEADER_RESIZED, o.resized().to_string()),
+        (
+            HEADER_TRANSCODE,
+            format!("{:.1}", o.transcode_micros() as f64 / 1000.0),
+        ),
+    ];
+    if let Some(reason) = o.reason {
+        headers.push((HEADER_REASON, reason.to_string()));
     }
+    if let Some(ttft) = o.predicted_ttft_ms {
+        headers.push((HEADER_PREDICTED_TTFT, format!("{ttft:.0}")));
+    }
+    Report { headers }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::core::policy::PolicyKind;
+    use crate::filter::host::{Metrics, Traffic};
     use std::cell::RefCell;
     use std::collections::HashMap;
 
@@ -448,6 +548,24 @@ mod tests {
     #[derive(Default)]
     struct FakeMetrics {
         counts: RefCell<HashMap<String, u64>>,
+        traffic: RefCell<TrafficState>,
+    }
+
+    impl Traffic for FakeMetrics {
+        fn state(&self) -> TrafficState {
+            *self.traffic.borrow()
+        }
+        fn cluster(&self) -> Option<crate::core::traffic::ClusterSignal> {
+            None
+        }
+        fn update(&self, op: &mut dyn FnMut(&mut TrafficState)) -> TrafficState {
+            op(&mut self.traffic.borrow_mut());
+            *self.traffic.borrow()
+        }
+    }
+
+    impl Services for FakeMetrics {
+        fn publish(&self, _state: &TrafficState) {}
     }
 
     impl Metrics for FakeMetrics {
@@ -702,5 +820,81 @@ mod tests {
         let (_, h, _, v) = start(epd(EncodeFailure::Fail, EncodeFanout::PerImage), text, true);
         assert_eq!(v, Verdict::Continue);
         assert!(h.calls.is_empty());
+    }
+
+    #[test]
+    fn counters_return_to_zero_on_every_path() {
+        use crate::core::encode::EncodeFanout;
+        let m = FakeMetrics::default();
+        let bad = "{oops";
+        for scenario in 0..40u32 {
+            let fanout = if scenario % 2 == 0 {
+                EncodeFanout::PerImage
+            } else {
+                EncodeFanout::PerRequest
+            };
+            let failure = if scenario % 3 == 0 {
+                EncodeFailure::Fail
+            } else {
+                EncodeFailure::Fallback
+            };
+            let body = match scenario % 5 {
+                0 => bad,
+                1 => r#"{"messages":[{"role":"user","content":"text only"}]}"#,
+                _ => TWO_IMAGES,
+            };
+            let cfg = Config {
+                fail_open: scenario % 4 == 0,
+                ..epd(failure, fanout)
+            };
+            let mut h = host("POST", "/v1/chat/completions", body);
+            let mut f = filter(cfg);
+            f.on_request_headers(&mut h, &m, false);
+            let abort_at = scenario % 7;
+            if abort_at != 0 {
+                f.on_request_body(&mut h, &m, body.len(), true);
+                // Answer some calls (success, failure, retry), then maybe abort.
+                for (step, status) in [(2, Some(200)), (3, Some(503)), (4, None), (5, Some(200))] {
+                    if abort_at < step {
+                        break;
+                    }
+                    let tokens: Vec<u32> = h.calls.iter().map(|c| c.0).collect();
+                    for t in tokens {
+                        f.on_encode_response(&mut h, &m, t, status);
+                    }
+                }
+            }
+            assert!(m.state().encode_inflight >= 0 && m.state().pd_inflight >= 0);
+            f.on_done(&m);
+            f.on_done(&m); // idempotent
+            let s = m.state();
+            assert_eq!(
+                (s.encode_inflight, s.pd_inflight, s.encode_outstanding_us),
+                (0, 0, 0),
+                "scenario {scenario}"
+            );
+        }
+        assert!(m.state().request_rate > 0.0, "image arrivals were recorded");
+    }
+
+    #[test]
+    fn dynamic_policy_reports_reason_and_prediction() {
+        let cfg = Config {
+            policy: PolicyKind::Dynamic,
+            ..Config::default()
+        };
+        let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", body);
+        h.req_headers.insert(HEADER_SLO.into(), "700".into());
+        let mut f = filter(cfg);
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.slo_ms, Some(700.0));
+        f.on_request_body(&mut h, &m, body.len(), true);
+        f.on_response_headers(&mut h);
+        let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
+        assert_eq!(hv[HEADER_POLICY], "dynamic");
+        assert_eq!(hv[HEADER_REASON], "unconstrained");
+        assert!(hv.contains_key(HEADER_PREDICTED_TTFT));
     }
 }

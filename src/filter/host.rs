@@ -1,5 +1,7 @@
 //! The host calls the state machine needs.
 
+use crate::core::traffic::{ClusterSignal, TrafficState};
+
 /// An HTTP call to the encode cluster.
 #[derive(Debug, Clone, Copy)]
 pub struct EncodeCall<'a> {
@@ -107,4 +109,21 @@ pub trait Metrics {
     fn error(&self, code: &'static str);
     fn transcode_ms(&self, ms: u64);
     fn encode_ms(&self, ms: u64);
+}
+
+/// The traffic state shared by all workers (proxy-wasm shared data).
+pub trait Traffic {
+    /// The current state.
+    fn state(&self) -> TrafficState;
+    /// The last cluster-wide reading, fresh or not.
+    fn cluster(&self) -> Option<ClusterSignal>;
+    /// Applies `op` atomically (compare-and-swap, retried) and returns the
+    /// state it wrote.
+    fn update(&self, op: &mut dyn FnMut(&mut TrafficState)) -> TrafficState;
+}
+
+/// Everything a request's filter reports to or reads from its VM.
+pub trait Services: Metrics + Traffic {
+    /// Publishes gauges of the shared state (in flight, calibration).
+    fn publish(&self, state: &TrafficState);
 }

@@ -1,0 +1,185 @@
+//! The root context: configuration, and the poll of the encode cluster's
+//! Prometheus metrics (one VM polls, elected by a lease in shared data).
+
+use super::http::{Http, VmServices};
+use super::metrics::{
+    HostMetrics, COUNTER_POLLS, COUNTER_POLL_FAILURES, GAUGE_CLUSTER_FRESH, GAUGE_CLUSTER_RUNNING,
+    GAUGE_CLUSTER_WAITING,
+};
+use super::{now_micros, shared};
+use crate::core::config::Config;
+use crate::core::prometheus::sum_of;
+use crate::core::traffic::{ClusterSignal, TrafficState};
+use crate::filter::Shared;
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{BufferType, ContextType, MapType};
+use std::rc::Rc;
+use std::time::Duration;
+
+#[derive(Default)]
+pub struct Root {
+    shared: Option<Rc<Shared>>,
+    services: Option<Rc<VmServices>>,
+    metrics: Option<Rc<HostMetrics>>,
+    /// This VM's identity for the poll lease.
+    owner: u64,
+    /// Token of the metrics poll in flight.
+    poll: Option<u32>,
+}
+
+impl Root {
+    fn configure(&mut self, config: Config) {
+        log::info!(
+            "vlm-budget: configured: policy={} static_budget_tokens={} ttft_slo_ms={} paths={:?} \
+             encode_cluster={:?} fail_open={}",
+            config.policy.name(),
+            config.static_budget_tokens,
+            config.ttft_slo_ms,
+            config.paths,
+            config.encode_cluster,
+            config.fail_open
+        );
+        let metrics = Rc::clone(
+            self.metrics
+                .get_or_insert_with(|| Rc::new(HostMetrics::define_all())),
+        );
+        if self.owner == 0 {
+            // Time of configuration and this VM's heap address: distinct per VM.
+            self.owner = now_micros().rotate_left(17) ^ (Rc::as_ptr(&metrics) as u64) | 1;
+        }
+        shared::init(shared::TRAFFIC_KEY, &TrafficState::initial().encode());
+        let poll = match (&config.encode_cluster, config.metrics_poll_ms) {
+            (Some(_), ms) if ms > 0 => Duration::from_millis(ms),
+            _ => Duration::ZERO,
+        };
+        if let Err(e) = hostcalls::set_tick_period(poll) {
+            log::warn!("vlm-budget: cannot set the poll period: {e:?}");
+        }
+        self.services = Some(Rc::new(VmServices {
+            metrics,
+            window_s: config.rate_window_s,
+        }));
+        self.shared = Some(Rc::new(Shared::new(config)));
+    }
+
+    fn poll_metrics(&mut self, cfg: &Config, now: u64) {
+        let Some(cluster) = cfg.encode_cluster.as_deref() else {
+            return;
+        };
+        let lease_until = now + 3 * cfg.metrics_poll_ms * 1000;
+        if self.poll.is_some() || !shared::acquire_lease(self.owner, now, lease_until) {
+            return;
+        }
+        let headers = vec![
+            (":method", "GET"),
+            (":path", cfg.metrics_path.as_str()),
+            (":authority", cfg.encode_authority.as_str()),
+            ("accept", "text/plain"),
+        ];
+        let timeout = Duration::from_millis(cfg.metrics_poll_ms.max(100));
+        match hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout) {
+            Ok(token) => self.poll = Some(token),
+            Err(e) => {
+                log::warn!("vlm-budget: metrics poll of {cluster} refused: {e:?}");
+                self.bump(COUNTER_POLL_FAILURES);
+            }
+        }
+    }
+
+    fn bump(&self, name: &str) {
+        if let Some(m) = &self.metrics {
+            m.bump(name);
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+        if self.poll != Some(token) {
+            return;
+        }
+        self.poll = None;
+        self.bump(COUNTER_POLLS);
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten();
+        let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+            .ok()
+            .flatten();
+        let text = body.as_deref().map(String::from_utf8_lossy);
+        let reading = match (status.as_deref(), text) {
+            (Some("200"), Some(text)) => {
+                match (
+                    sum_of(&text, "vllm:num_requests_waiting"),
+                    sum_of(&text, "vllm:num_requests_running"),
+                ) {
+                    (Some(waiting), Some(running)) => Some((waiting, running)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        match reading {
+            Some((waiting, running)) => {
+                shared::set_cluster(&ClusterSignal {
+                    waiting,
+                    running,
+                    updated_us: now_micros(),
+                });
+                if let Some(m) = &self.metrics {
+                    m.set(GAUGE_CLUSTER_WAITING, waiting);
+                    m.set(GAUGE_CLUSTER_RUNNING, running);
+                }
+            }
+            None => {
+                log::debug!("vlm-budget: metrics poll failed (status {status:?})");
+                self.bump(COUNTER_POLL_FAILURES);
+            }
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(b) => b.unwrap_or_default(),
+            Err(e) => {
+                log::error!("vlm-budget: cannot read plugin configuration: {e:?}");
+                return false;
+            }
+        };
+        match Config::from_json(&bytes) {
+            Ok(config) => {
+                self.configure(config);
+                true
+            }
+            Err(e) => {
+                log::error!("vlm-budget: {e}");
+                false
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let Some(shared) = self.shared.clone() else { return };
+        let cfg = &shared.config;
+        let now = now_micros();
+        let fresh = shared::cluster().is_some_and(|c| c.fresh(now, cfg.metrics_stale_ms));
+        if let Some(m) = &self.metrics {
+            m.set(GAUGE_CLUSTER_FRESH, if fresh { 1.0 } else { 0.0 });
+            m.publish(&shared::traffic(), now, cfg.rate_window_s);
+        }
+        self.poll_metrics(cfg, now);
+    }
+
+    fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let shared = self.shared.clone()?;
+        let services = self.services.clone()?;
+        Some(Box::new(Http::new(shared, services, context_id)))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
