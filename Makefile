@@ -41,7 +41,21 @@ lint: toolchain
 integration: wasm venv testdata
 	$(PYTEST) tests/integration
 
-test: unit lint integration
+test: unit lint integration validate-deploy
+
+# Deploy (deploy/): the module image, and every manifest and Envoy config
+# checked (schemas, kustomize, envoy --mode validate; tests/deploy).
+.PHONY: oci validate-deploy
+oci: wasm
+	python3 deploy/oci/build.py
+
+$(VENV)/.deploy-stamp: $(VENV)/.stamp tests/deploy/requirements.txt
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/deploy/requirements.txt
+	touch $@
+
+validate-deploy: oci venv $(VENV)/.deploy-stamp testdata
+	tests/deploy/fetch-tools.sh
+	$(PYTEST) tests/deploy
 
 demo: wasm venv testdata
 	$(PY) tools/demo.py
