@@ -1,0 +1,428 @@
+//! The time model and the GPU queues.
+//!
+//! Each role is a queue served by `N` GPU tasks. A GPU task takes work from
+//! the shared FCFS queue and spends its emulated service time in
+//! `tokio::time::sleep`, so the latency a client sees is real wall-clock
+//! time: queueing behind other requests included.
+//!
+//! - Encode: a GPU takes queued images in arrival order while their visual
+//!   tokens fit the batch budget (`--max-num-batched-tokens`; an image larger
+//!   than the budget is taken alone). The batch costs the encoder time of its
+//!   total tokens: the measured curve is superlinear in tokens (attention),
+//!   so this charges a batch at least what one image of that size costs.
+//! - Prefill/decode: a GPU prefills one request at a time, first running the
+//!   vision encoder for the images the encoder cache lacks. Decoding is not
+//!   queued: every running request emits a token each
+//!   `--decode-ms-per-token`.
+
+use crate::cache::EcCache;
+use crate::latency::LatencyModel;
+use crate::{lock, rng};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+
+const STREAM_ENCODE_BATCH: u64 = 1;
+const STREAM_PD_ENCODER: u64 = 2;
+const STREAM_PD_PREFILL: u64 = 3;
+
+/// Service times, in emulated milliseconds, and their mapping to wall time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TimeModel {
+    pub latency: LatencyModel,
+    pub speed_factor: f64,
+    pub preprocess_ms_per_mpixel: f64,
+    pub jitter_sigma: f64,
+    pub seed: u64,
+    pub time_scale: f64,
+    pub decode_ms_per_token: f64,
+}
+
+impl TimeModel {
+    fn jitter(&self, stream: u64, index: u64) -> f64 {
+        rng::lognormal_factor(self.seed, stream, index, self.jitter_sigma)
+    }
+
+    /// Vision encoder time for `tokens` visual tokens in one forward pass.
+    pub fn encoder_ms(&self, tokens: u64, stream: u64, index: u64) -> f64 {
+        if tokens == 0 {
+            return 0.0;
+        }
+        self.latency.encoder.ms(tokens as f64) * self.speed_factor * self.jitter(stream, index)
+    }
+
+    /// Language-model prefill time for `tokens` prompt tokens.
+    pub fn prefill_ms(&self, tokens: u64, index: u64) -> f64 {
+        if tokens == 0 {
+            return 0.0;
+        }
+        self.latency.prefill.ms(tokens as f64) * self.speed_factor * self.jitter(STREAM_PD_PREFILL, index)
+    }
+
+    /// CPU preprocessing (resize, normalise, patchify) of `pixels` pixels.
+    pub fn preprocess_ms(&self, pixels: u64) -> f64 {
+        self.preprocess_ms_per_mpixel * pixels as f64 / 1e6
+    }
+
+    /// Wall time of `ms` emulated milliseconds (`ms * time_scale`).
+    pub fn wall(&self, ms: f64) -> Duration {
+        Duration::try_from_secs_f64(ms * self.time_scale / 1000.0).unwrap_or(if ms > 0.0 {
+            Duration::MAX
+        } else {
+            Duration::ZERO
+        })
+    }
+
+    /// Emulated milliseconds of a wall duration (`wall / time_scale`).
+    pub fn emulated_ms(&self, d: Duration) -> f64 {
+        d.as_secs_f64() * 1000.0 / self.time_scale
+    }
+}
+
+/// Work a GPU can take from a queue.
+pub trait Job {
+    /// Tokens the job adds to a batch.
+    fn tokens(&self) -> u64;
+    /// Whether nobody waits for the result any more (client gone).
+    fn cancelled(&self) -> bool;
+}
+
+/// Takes jobs from the front while their tokens fit `budget`; the first job
+/// is always taken. Cancelled jobs are dropped first.
+pub fn take_batch<J: Job>(queue: &mut VecDeque<J>, budget: u64) -> Vec<J> {
+    queue.retain(|j| !j.cancelled());
+    let mut batch = Vec::new();
+    let mut used = 0u64;
+    while let Some(job) = queue.front() {
+        let t = job.tokens();
+        if !batch.is_empty() && used.saturating_add(t) > budget {
+            break;
+        }
+        used = used.saturating_add(t);
+        batch.extend(queue.pop_front());
+    }
+    batch
+}
+
+/// A FCFS queue shared by the GPU tasks of one role.
+#[derive(Debug)]
+pub struct JobQueue<J> {
+    jobs: Mutex<VecDeque<J>>,
+    ready: Notify,
+}
+
+impl<J> Default for JobQueue<J> {
+    fn default() -> Self {
+        Self {
+            jobs: Mutex::new(VecDeque::new()),
+            ready: Notify::new(),
+        }
+    }
+}
+
+impl<J> JobQueue<J> {
+    pub fn push_all(&self, jobs: impl IntoIterator<Item = J>) {
+        lock(&self.jobs).extend(jobs);
+        self.ready.notify_one();
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.jobs).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Waits for work and takes it with `take`.
+    pub async fn next(&self, mut take: impl FnMut(&mut VecDeque<J>) -> Vec<J>) -> Vec<J> {
+        loop {
+            let (batch, more) = {
+                let mut q = lock(&self.jobs);
+                let batch = take(&mut q);
+                (batch, !q.is_empty())
+            };
+            if !batch.is_empty() {
+                if more {
+                    // Hand the remaining work to another idle GPU.
+                    self.ready.notify_one();
+                }
+                return batch;
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// One image for the encode role's GPUs.
+#[derive(Debug)]
+pub struct EncodeJob {
+    pub tokens: u64,
+    /// Signalled when the job's batch starts.
+    pub started: Option<oneshot::Sender<()>>,
+    pub done: oneshot::Sender<EncodeDone>,
+}
+
+/// The batch an image was encoded in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EncodeDone {
+    /// Batch number (unique per role).
+    pub batch: u64,
+    pub batch_tokens: u64,
+    /// Emulated service time of the batch.
+    pub service_ms: f64,
+}
+
+impl Job for EncodeJob {
+    fn tokens(&self) -> u64 {
+        self.tokens
+    }
+    fn cancelled(&self) -> bool {
+        self.done.is_closed()
+    }
+}
+
+/// The encode role's GPUs.
+#[derive(Debug, Clone)]
+pub struct EncodePool {
+    queue: Arc<JobQueue<EncodeJob>>,
+}
+
+impl EncodePool {
+    /// Starts `gpus` GPU tasks.
+    pub fn spawn(gpus: usize, budget: u64, time: Arc<TimeModel>) -> (Self, Vec<JoinHandle<()>>) {
+        let queue: Arc<JobQueue<EncodeJob>> = Arc::new(JobQueue::default());
+        let batches = Arc::new(AtomicU64::new(0));
+        let tasks = (0..gpus)
+            .map(|_| {
+                let (queue, time, batches) = (queue.clone(), time.clone(), batches.clone());
+                tokio::spawn(async move {
+                    loop {
+                        let batch = queue.next(|q| take_batch(q, budget)).await;
+                        let id = batches.fetch_add(1, Ordering::Relaxed);
+                        let tokens: u64 = batch.iter().map(|j| j.tokens).sum();
+                        let ms = time.encoder_ms(tokens, STREAM_ENCODE_BATCH, id);
+                        let mut waiters = Vec::with_capacity(batch.len());
+                        for mut job in batch {
+                            if let Some(s) = job.started.take() {
+                                let _ = s.send(());
+                            }
+                            waiters.push(job.done);
+                        }
+                        tokio::time::sleep(time.wall(ms)).await;
+                        for w in waiters {
+                            let _ = w.send(EncodeDone {
+                                batch: id,
+                                batch_tokens: tokens,
+                                service_ms: ms,
+                            });
+                        }
+                    }
+                })
+            })
+            .collect();
+        (Self { queue }, tasks)
+    }
+
+    pub fn submit(&self, jobs: Vec<EncodeJob>) {
+        self.queue.push_all(jobs);
+    }
+}
+
+/// One request for a prefill/decode GPU.
+#[derive(Debug)]
+pub struct PrefillJob {
+    /// (encoder-cache key, visual tokens) per image.
+    pub images: Vec<(u128, u64)>,
+    pub prompt_tokens: u64,
+    pub started: Option<oneshot::Sender<()>>,
+    pub done: oneshot::Sender<PrefillDone>,
+}
+
+impl Job for PrefillJob {
+    fn tokens(&self) -> u64 {
+        self.prompt_tokens
+    }
+    fn cancelled(&self) -> bool {
+        self.done.is_closed()
+    }
+}
+
+/// What prefilling a request took.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrefillDone {
+    /// Per image: found in the encoder cache.
+    pub hits: Vec<bool>,
+    /// Emulated encoder time for the cache misses (0 if all hit).
+    pub encode_ms: f64,
+    pub prefill_ms: f64,
+}
+
+/// The prefill/decode role's GPUs.
+#[derive(Debug, Clone)]
+pub struct PrefillPool {
+    queue: Arc<JobQueue<PrefillJob>>,
+}
+
+fn take_one(q: &mut VecDeque<PrefillJob>) -> Vec<PrefillJob> {
+    q.retain(|j| !j.cancelled());
+    q.pop_front().into_iter().collect()
+}
+
+impl PrefillPool {
+    /// Starts `gpus` GPU tasks. The cache is consulted when a prefill is
+    /// scheduled, as vLLM's scheduler asks its encoder-cache connector.
+    pub fn spawn(gpus: usize, time: Arc<TimeModel>, cache: Arc<EcCache>) -> (Self, Vec<JoinHandle<()>>) {
+        let queue = Arc::new(JobQueue::default());
+        let counter = Arc::new(AtomicU64::new(0));
+        let tasks = (0..gpus)
+            .map(|_| {
+                let (queue, time, cache, counter) =
+                    (queue.clone(), time.clone(), cache.clone(), counter.clone());
+                tokio::spawn(async move {
+                    loop {
+                        for mut job in queue.next(take_one).await {
+                            let id = counter.fetch_add(1, Ordering::Relaxed);
+                            if let Some(s) = job.started.take() {
+                                let _ = s.send(());
+                            }
+                            let hits: Vec<bool> =
+                                job.images.iter().map(|&(k, _)| cache.contains(k)).collect();
+                            let miss_tokens: u64 = job
+                                .images
+                                .iter()
+                                .zip(&hits)
+                                .filter(|(_, &hit)| !hit)
+                                .map(|(&(_, t), _)| t)
+                                .sum();
+                            let encode_ms = time.encoder_ms(miss_tokens, STREAM_PD_ENCODER, id);
+                            let prefill_ms = time.prefill_ms(job.prompt_tokens, id);
+                            tokio::time::sleep(time.wall(encode_ms + prefill_ms)).await;
+                            let _ = job.done.send(PrefillDone {
+                                hits,
+                                encode_ms,
+                                prefill_ms,
+                            });
+                        }
+                    }
+                })
+            })
+            .collect();
+        (Self { queue }, tasks)
+    }
+
+    pub fn submit(&self, job: PrefillJob) {
+        self.queue.push_all([job]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct J(u64, bool);
+    impl Job for J {
+        fn tokens(&self) -> u64 {
+            self.0
+        }
+        fn cancelled(&self) -> bool {
+            self.1
+        }
+    }
+
+    fn tokens(b: &[J]) -> Vec<u64> {
+        b.iter().map(|j| j.0).collect()
+    }
+
+    #[test]
+    fn batches_fill_the_budget_in_order() {
+        let mut q: VecDeque<J> = [1000, 1000, 500, 3000, 20_000, 10]
+            .into_iter()
+            .map(|t| J(t, false))
+            .collect();
+        assert_eq!(tokens(&take_batch(&mut q, 2500)), [1000, 1000, 500]);
+        // FCFS: a later small image does not jump the queue.
+        assert_eq!(tokens(&take_batch(&mut q, 2500)), [3000]);
+        // Larger than the budget: taken alone.
+        assert_eq!(tokens(&take_batch(&mut q, 2500)), [20_000]);
+        assert_eq!(tokens(&take_batch(&mut q, 2500)), [10]);
+        assert!(take_batch(&mut q, 2500).is_empty());
+    }
+
+    #[test]
+    fn cancelled_jobs_are_skipped() {
+        let mut q: VecDeque<J> = [J(100, true), J(200, false), J(300, true), J(400, false)].into();
+        assert_eq!(tokens(&take_batch(&mut q, 10_000)), [200, 400]);
+    }
+
+    fn model(scale: f64, sigma: f64) -> TimeModel {
+        TimeModel {
+            latency: LatencyModel::builtin("batched_sdpa").expect("data"),
+            speed_factor: 2.0,
+            preprocess_ms_per_mpixel: 4.0,
+            jitter_sigma: sigma,
+            seed: 3,
+            time_scale: scale,
+            decode_ms_per_token: 8.0,
+        }
+    }
+
+    #[test]
+    fn time_model_scales_and_jitters_deterministically() {
+        let m = model(0.5, 0.0);
+        assert_eq!(m.encoder_ms(1024, 1, 0), 2.0 * 47.32);
+        assert_eq!(m.prefill_ms(4096, 0), 2.0 * 61.1);
+        assert_eq!(m.encoder_ms(0, 1, 0), 0.0);
+        assert_eq!(m.preprocess_ms(2_000_000), 8.0);
+        assert_eq!(m.wall(100.0), Duration::from_millis(50));
+        assert!((m.emulated_ms(Duration::from_millis(50)) - 100.0).abs() < 1e-9);
+        assert_eq!(m.wall(f64::INFINITY), Duration::MAX);
+        let j = model(1.0, 0.05);
+        let a = j.encoder_ms(1024, 1, 5);
+        assert_eq!(a, j.encoder_ms(1024, 1, 5));
+        assert_ne!(a, j.encoder_ms(1024, 1, 6));
+        assert!((a / (2.0 * 47.32) - 1.0).abs() < 0.3);
+    }
+
+    #[test]
+    fn gpus_serve_the_queue_in_order_with_real_sleeps() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let time = Arc::new(model(0.1, 0.0));
+            // Budget 1500: two 1024-token images go in separate batches.
+            let (pool, tasks) = EncodePool::spawn(1, 1500, time.clone());
+            let mut rxs = Vec::new();
+            let start = tokio::time::Instant::now();
+            let jobs = (0..2)
+                .map(|_| {
+                    let (tx, rx) = oneshot::channel();
+                    rxs.push(rx);
+                    EncodeJob {
+                        tokens: 1024,
+                        started: None,
+                        done: tx,
+                    }
+                })
+                .collect();
+            pool.submit(jobs);
+            let mut done = Vec::new();
+            for rx in rxs {
+                done.push((rx.await.expect("done"), start.elapsed()));
+            }
+            let each = 2.0 * 47.32;
+            assert_ne!(done[0].0.batch, done[1].0.batch);
+            assert_eq!(done[0].0.service_ms, each);
+            assert!(done[0].1 >= time.wall(each));
+            assert!(done[1].1 >= time.wall(2.0 * each), "{:?}", done[1].1);
+            for t in tasks {
+                t.abort();
+            }
+        });
+    }
+}
