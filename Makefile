@@ -63,3 +63,16 @@ demo: wasm venv testdata
 clean:
 	cargo clean
 	rm -rf $(VENV) .cache
+
+# Image-path benchmark: the filter in V8 inside Envoy vs the same core native vs
+# Pillow and pyvips, text-only overhead (wrk) and a VM memory soak; writes
+# bench/results/image.{md,json}. See bench/README-image.md.
+BENCH_REPS ?= 5
+BENCH_SOAK ?= 1000
+
+.PHONY: bench-image
+bench-image: wasm venv testdata
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r bench/requirements.txt
+	@command -v wrk >/dev/null || apt-get install -y -qq wrk || { apt-get update -qq && apt-get install -y -qq wrk; }
+	cargo build --release --example bench_image
+	$(PY) bench/bench_image.py --native target/release/examples/bench_image --reps $(BENCH_REPS) --soak $(BENCH_SOAK)

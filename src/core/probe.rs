@@ -259,6 +259,61 @@ mod tests {
         assert_eq!(probe(&p), Ok(h));
     }
 
+    /// A base64 payload that counts what the probe decodes.
+    struct Counting<'a> {
+        inner: Base64Payload<'a>,
+        reads: std::cell::Cell<usize>,
+        bytes: std::cell::Cell<usize>,
+    }
+
+    impl ByteSource for Counting<'_> {
+        fn len(&self) -> usize {
+            self.inner.decoded_len()
+        }
+        fn read_at(&self, offset: usize, len: usize) -> Vec<u8> {
+            let out = self.inner.read_at(offset, len);
+            self.reads.set(self.reads.get() + 1);
+            self.bytes.set(self.bytes.get() + out.len());
+            out
+        }
+    }
+
+    #[test]
+    fn header_after_megabytes_of_metadata_costs_a_few_small_reads() {
+        // Shaped like a real 3840x2400 progressive wallpaper: 114 APP1
+        // (XMP) segments, APP13, APP14 and DQT, 7.3 MB before SOF2.
+        let mut bytes = vec![0xFF, 0xD8];
+        let mut segment = |marker: u8, len: usize| {
+            bytes.extend_from_slice(&[0xFF, marker]);
+            bytes.extend_from_slice(&((len + 2) as u16).to_be_bytes());
+            bytes.extend((0..len).map(|i| (i % 251) as u8));
+        };
+        for _ in 0..114 {
+            segment(0xE1, 64_000);
+        }
+        segment(0xED, 5_000);
+        segment(0xEE, 12);
+        segment(0xDB, 130);
+        bytes.extend_from_slice(&[0xFF, 0xC2, 0x00, 0x11, 0x08, 0x09, 0x60, 0x0F, 0x00, 0x03]);
+        bytes.extend_from_slice(&[1, 0x11, 0, 2, 0x11, 1, 3, 0x11, 1]);
+        bytes.extend(std::iter::repeat_n(0x55, 1_000_000)); // scan data
+        assert!(bytes.len() > 8_000_000);
+        let text = base64::Engine::encode(&super::super::base64buf::ENCODER, &bytes);
+        let src = Counting {
+            inner: Base64Payload::new(text.as_bytes()).expect("b64"),
+            reads: Default::default(),
+            bytes: Default::default(),
+        };
+        let h = probe(&src).expect("probe");
+        assert_eq!(
+            (h.format, h.width, h.height, h.color, h.bit_depth),
+            (ImageFormat::Jpeg, 3840, 2400, 3, 8)
+        );
+        // One 4-byte read per segment, plus the signature and the frame.
+        assert!(src.reads.get() <= 122, "{} reads", src.reads.get());
+        assert!(src.bytes.get() < 1_000, "{} bytes decoded", src.bytes.get());
+    }
+
     #[test]
     fn truncated_and_foreign_inputs() {
         let bytes = jpeg_with_app_segments(2, 1000);

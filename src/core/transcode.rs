@@ -3,8 +3,16 @@
 //! PNG is decoded with the `png` crate (every colour type and bit depth it
 //! reads, normalised to 8 bits per sample, alpha kept); JPEG with
 //! `jpeg-decoder`, using its DCT scaling to decode big images straight at the
-//! smallest scale at or above the target. Resizing uses fast_image_resize's
-//! convolution filters; the output is encoded in the input's format.
+//! smallest scale (1/8, 1/4, 1/2 or 1) that is at least the target on both
+//! sides. Resizing uses fast_image_resize's convolution filters, on the part
+//! of the decoded buffer the picture covers; the output is encoded in the
+//! input's format: JPEG with 4:2:0 chroma subsampling and standard Huffman
+//! tables (as libjpeg and Pillow write by default), PNG with the `png` crate's
+//! fast deflate and adaptive row filters.
+//!
+//! Pixel buffers are not copied between the steps: alpha is premultiplied in
+//! place before resizing and divided out of the small result, and colour
+//! conversions that shrink a buffer (CMYK, 16-bit grey) run in place.
 
 use super::probe::{ImageFormat, ImageHeader};
 use super::sizing::Dims;
@@ -92,6 +100,24 @@ pub struct Pixels {
     pub data: Vec<u8>,
 }
 
+/// A decoded image and the part of its buffer the picture covers.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub pixels: Pixels,
+    /// Width and height, in buffer pixels, of the picture. The buffer's own
+    /// size, except after DCT scaling of a JPEG whose sides are not multiples
+    /// of the scaled block: its last column or row then covers the picture
+    /// only in part (the rest is the encoder's edge padding).
+    pub extent: (f64, f64),
+}
+
+impl From<Pixels> for Decoded {
+    fn from(pixels: Pixels) -> Self {
+        let extent = (f64::from(pixels.width), f64::from(pixels.height));
+        Self { pixels, extent }
+    }
+}
+
 fn zeroed(len: usize) -> Result<Vec<u8>, TranscodeError> {
     let mut v = Vec::new();
     v.try_reserve_exact(len)
@@ -105,16 +131,27 @@ fn decoded_bytes_limit(max_pixels: u64) -> usize {
 }
 
 /// Decodes an image. For JPEG, `target` lets the decoder use DCT scaling:
-/// the result is then at least `target` on both sides but may be smaller
-/// than the original.
+/// the buffer is then at least `target` on both sides but may be smaller
+/// than the original, and its last column or row may reach past the picture
+/// (see [`Decoded::extent`]; [`decode_scaled`] keeps it).
 pub fn decode(
     bytes: &[u8],
     header: &ImageHeader,
     target: Option<Dims>,
     max_pixels: u64,
 ) -> Result<Pixels, TranscodeError> {
+    decode_scaled(bytes, header, target, max_pixels).map(|d| d.pixels)
+}
+
+/// [`decode`], with the part of the buffer the picture covers.
+pub fn decode_scaled(
+    bytes: &[u8],
+    header: &ImageHeader,
+    target: Option<Dims>,
+    max_pixels: u64,
+) -> Result<Decoded, TranscodeError> {
     match header.format {
-        ImageFormat::Png => decode_png(bytes, max_pixels),
+        ImageFormat::Png => decode_png(bytes, max_pixels).map(Decoded::from),
         ImageFormat::Jpeg => decode_jpeg(bytes, target, max_pixels),
     }
 }
@@ -126,7 +163,19 @@ fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<Pixels, TranscodeError> {
     };
     let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), limits);
     decoder.set_transformations(png::Transformations::normalize_to_color8());
+    // The output carries no text or ICC metadata: skip parsing it. Chunk
+    // CRCs are still checked, so a damaged file is refused, not resized.
+    decoder.set_ignore_text_chunk(true);
+    decoder.set_ignore_iccp_chunk(true);
     let mut reader = decoder.read_info().map_err(err)?;
+    // `Limits` bounds the decoder's own buffers, not the output: hold the
+    // pixel limit here, before the output buffer is allocated.
+    let (w, h) = reader.info().size();
+    if u64::from(w) * u64::from(h) > max_pixels {
+        return Err(TranscodeError::Decode(format!(
+            "png: {w}x{h} is above the {max_pixels}-pixel limit"
+        )));
+    }
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| TranscodeError::Decode("png: image too large".into()))?;
@@ -150,75 +199,150 @@ fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<Pixels, TranscodeError> {
     })
 }
 
-fn decode_jpeg(bytes: &[u8], target: Option<Dims>, max_pixels: u64) -> Result<Pixels, TranscodeError> {
+/// Side of a JPEG decoded at `eighths`/8 scale, as jpeg-decoder rounds it.
+fn scaled_side(side: u16, eighths: u16) -> u16 {
+    let n = u32::from(side) * u32::from(eighths);
+    // At most `side`, so it fits.
+    n.div_ceil(8) as u16
+}
+
+/// The smallest DCT scale (in eighths: 1, 2, 4 or 8) at which a `width` x
+/// `height` JPEG decodes to at least `target` on both sides.
+pub fn dct_scale(width: u16, height: u16, target: Dims) -> u16 {
+    [1u16, 2, 4]
+        .into_iter()
+        .find(|&s| {
+            u32::from(scaled_side(width, s)) >= target.width
+                && u32::from(scaled_side(height, s)) >= target.height
+        })
+        .unwrap_or(8)
+}
+
+fn decode_jpeg(bytes: &[u8], target: Option<Dims>, max_pixels: u64) -> Result<Decoded, TranscodeError> {
     let err = |e: jpeg_decoder::Error| TranscodeError::Decode(format!("jpeg: {e}"));
     let mut decoder = jpeg_decoder::Decoder::new(Cursor::new(bytes));
     decoder.set_max_decoding_buffer_size(decoded_bytes_limit(max_pixels));
     decoder.read_info().map_err(err)?;
+    let info = decoder
+        .info()
+        .ok_or_else(|| TranscodeError::Decode("jpeg: no frame information".into()))?;
+    let (full_w, full_h) = (info.width, info.height);
+    let mut eighths = 8u16;
     if let Some(t) = target {
-        let w = u16::try_from(t.width).unwrap_or(u16::MAX);
-        let h = u16::try_from(t.height).unwrap_or(u16::MAX);
-        decoder.scale(w, h).map_err(err)?;
+        let s = dct_scale(full_w, full_h, t);
+        if s < 8 {
+            // jpeg-decoder takes the smallest scale at which *either* side
+            // reaches the request; asking for the scaled size of both sides
+            // makes that scale `s`. Should rounding make it pick a smaller
+            // one, decode at full size instead.
+            let want = (scaled_side(full_w, s), scaled_side(full_h, s));
+            if decoder.scale(want.0, want.1).map_err(err)? == want {
+                eighths = s;
+            } else {
+                decoder.scale(full_w, full_h).map_err(err)?;
+            }
+        }
     }
-    let data = decoder.decode().map_err(err)?;
+    let mut data = decoder.decode().map_err(err)?;
     let info = decoder
         .info()
         .ok_or_else(|| TranscodeError::Decode("jpeg: no frame information".into()))?;
     let (width, height) = (u32::from(info.width), u32::from(info.height));
-    let (layout, data) = match info.pixel_format {
-        jpeg_decoder::PixelFormat::L8 => (Layout::L8, data),
-        // 12-bit greyscale comes as big-endian 16-bit samples: keep the high byte.
-        jpeg_decoder::PixelFormat::L16 => (Layout::L8, data.chunks_exact(2).map(|p| p[0]).collect()),
-        jpeg_decoder::PixelFormat::RGB24 => (Layout::Rgb8, data),
-        jpeg_decoder::PixelFormat::CMYK32 => (Layout::Rgb8, cmyk_to_rgb(&data)),
+    let layout = match info.pixel_format {
+        jpeg_decoder::PixelFormat::L8 => Layout::L8,
+        jpeg_decoder::PixelFormat::L16 => {
+            l16_to_l8_in_place(&mut data);
+            Layout::L8
+        }
+        jpeg_decoder::PixelFormat::RGB24 => Layout::Rgb8,
+        jpeg_decoder::PixelFormat::CMYK32 => {
+            cmyk_to_rgb_in_place(&mut data);
+            Layout::Rgb8
+        }
     };
     let expected = width as usize * height as usize * layout.channels();
     if data.len() < expected {
         return Err(TranscodeError::Decode("jpeg: short pixel data".into()));
     }
-    Ok(Pixels {
-        width,
-        height,
-        layout,
-        data,
+    let scale = f64::from(eighths) / 8.0;
+    Ok(Decoded {
+        pixels: Pixels {
+            width,
+            height,
+            layout,
+            data,
+        },
+        extent: (
+            (f64::from(full_w) * scale).min(f64::from(width)),
+            (f64::from(full_h) * scale).min(f64::from(height)),
+        ),
     })
 }
 
-/// Adobe CMYK as jpeg-decoder returns it (inverted) to RGB.
-fn cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(cmyk.len() / 4 * 3);
-    for p in cmyk.chunks_exact(4) {
-        let k = 255 - u16::from(p[3]);
-        for &c in &p[..3] {
-            let c = 255 - u16::from(c);
-            // Both factors are <= 255, so the quotient fits a byte.
-            out.push(((c * k) / 255) as u8);
-        }
+/// 16-bit big-endian grey samples to 8 bits (the high byte), in place.
+fn l16_to_l8_in_place(data: &mut Vec<u8>) {
+    let n = data.len() / 2;
+    for i in 0..n {
+        data[i] = data[2 * i];
     }
-    out
+    data.truncate(n);
 }
 
-/// Resizes to exactly `to`.
-pub fn resize(src: Pixels, to: Dims, filter: ResizeFilter) -> Result<Pixels, TranscodeError> {
-    if src.width == to.width && src.height == to.height {
+/// Adobe CMYK as jpeg-decoder returns it (inverted) to RGB, in place.
+fn cmyk_to_rgb_in_place(data: &mut Vec<u8>) {
+    let n = data.len() / 4;
+    for i in 0..n {
+        // Pixel i is read before anything at or after 3*i+3 <= 4*i+4 is written.
+        let (c, m, y, k) = (data[4 * i], data[4 * i + 1], data[4 * i + 2], data[4 * i + 3]);
+        let k = 255 - u16::from(k);
+        for (j, v) in [c, m, y].into_iter().enumerate() {
+            // Both factors are <= 255, so the quotient fits a byte.
+            data[3 * i + j] = (((255 - u16::from(v)) * k) / 255) as u8;
+        }
+    }
+    data.truncate(n * 3);
+}
+
+/// Resizes the picture to exactly `to`. Images with alpha are resized
+/// premultiplied (no dark fringes), the premultiplication done in place.
+pub fn resize(src: impl Into<Decoded>, to: Dims, filter: ResizeFilter) -> Result<Pixels, TranscodeError> {
+    let Decoded { pixels: src, extent } = src.into();
+    let whole = extent == (f64::from(src.width), f64::from(src.height));
+    if whole && src.width == to.width && src.height == to.height {
         return Ok(src);
     }
     let err = |e: &dyn fmt::Display| TranscodeError::Encode(format!("resize: {e}"));
-    let pixel_type = src.layout.fir();
-    let src_img =
+    let layout = src.layout;
+    let pixel_type = layout.fir();
+    let alpha = matches!(layout, Layout::La8 | Layout::Rgba8);
+    let mut src_img =
         fir::images::Image::from_vec_u8(src.width, src.height, src.data, pixel_type).map_err(|e| err(&e))?;
+    let mul_div = fir::MulDiv::default();
+    if alpha {
+        mul_div
+            .multiply_alpha_inplace(&mut src_img)
+            .map_err(|e| err(&e))?;
+    }
     let mut dst = fir::images::Image::new(to.width, to.height, pixel_type);
     let alg = match filter {
         ResizeFilter::CatmullRom => fir::ResizeAlg::Convolution(fir::FilterType::CatmullRom),
         ResizeFilter::Lanczos3 => fir::ResizeAlg::Convolution(fir::FilterType::Lanczos3),
     };
+    let options = fir::ResizeOptions::new()
+        .resize_alg(alg)
+        .use_alpha(false)
+        .crop(0.0, 0.0, extent.0, extent.1);
     fir::Resizer::new()
-        .resize(&src_img, &mut dst, &fir::ResizeOptions::new().resize_alg(alg))
+        .resize(&src_img, &mut dst, &options)
         .map_err(|e| err(&e))?;
+    drop(src_img);
+    if alpha {
+        mul_div.divide_alpha_inplace(&mut dst).map_err(|e| err(&e))?;
+    }
     Ok(Pixels {
         width: to.width,
         height: to.height,
-        layout: src.layout,
+        layout,
         data: dst.into_vec(),
     })
 }
@@ -240,7 +364,12 @@ pub fn encode(px: &Pixels, format: ImageFormat, jpeg_quality: u8) -> Result<Vec<
                     return Err(TranscodeError::Encode("jpeg: alpha channel".into()))
                 }
             };
-            let enc = jpeg_encoder::Encoder::new(&mut out, jpeg_quality);
+            let mut enc = jpeg_encoder::Encoder::new(&mut out, jpeg_quality);
+            // 4:2:0 with box-averaged chroma at every quality, as libjpeg's
+            // and Pillow's defaults (jpeg-encoder keeps full chroma from
+            // quality 90 up, for about 1.5x the bytes).
+            enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
+            enc.set_chroma_subsampling_method(jpeg_encoder::ChromaSubsamplingMethod::Average);
             enc.encode(&px.data, w, h, color).map_err(err)?;
         }
         ImageFormat::Png => {
@@ -253,6 +382,9 @@ pub fn encode(px: &Pixels, format: ImageFormat, jpeg_quality: u8) -> Result<Vec<
                 Layout::Rgba8 => png::ColorType::Rgba,
             });
             enc.set_depth(png::BitDepth::Eight);
+            // fdeflate with adaptive row filters: a few ms for a 1-Mpixel
+            // image. zlib-class levels shrink photos by up to a third more
+            // but cost 4-20x the time, on the proxy's worker thread.
             enc.set_compression(png::Compression::Fast);
             let mut writer = enc.write_header().map_err(err)?;
             writer.write_image_data(&px.data).map_err(err)?;
@@ -269,7 +401,7 @@ pub fn transcode(
     to: Dims,
     opts: &TranscodeOptions,
 ) -> Result<Vec<u8>, TranscodeError> {
-    let px = decode(bytes, header, Some(to), opts.max_pixels)?;
+    let px = decode_scaled(bytes, header, Some(to), opts.max_pixels)?;
     let px = resize(px, to, opts.filter)?;
     encode(&px, header.format, opts.jpeg_quality)
 }
@@ -277,6 +409,7 @@ pub fn transcode(
 #[cfg(test)]
 mod tests {
     use super::super::probe::probe;
+    use super::super::sizing::SizingRule;
     use super::*;
 
     fn gradient(w: u32, h: u32, layout: Layout) -> Pixels {
@@ -297,6 +430,82 @@ mod tests {
         }
     }
 
+    /// A photo-like picture: smooth shading, hard-edged discs, thin lines
+    /// and sensor-like grain; deterministic.
+    fn photo(w: u32, h: u32, layout: Layout) -> Pixels {
+        let c = layout.channels();
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut grain = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            f32::from((state >> 60) as u8) - 7.5
+        };
+        let discs = [(0.3f32, 0.4f32, 0.15f32), (0.7, 0.6, 0.2), (0.55, 0.2, 0.08)];
+        let mut data = Vec::with_capacity(w as usize * h as usize * c);
+        for y in 0..h {
+            for x in 0..w {
+                let (fx, fy) = (x as f32 / w as f32, y as f32 / h as f32);
+                let inside = discs
+                    .iter()
+                    .filter(|(cx, cy, r)| (fx - cx).powi(2) + (fy - cy).powi(2) < r * r)
+                    .count() as f32;
+                let lines = if fx < 0.2 && (x / 3) % 2 == 0 { 40.0 } else { 0.0 };
+                for ch in 0..c {
+                    let k = ch as f32;
+                    let v = if ch == 3 || (ch == 1 && layout == Layout::La8) {
+                        // Alpha: opaque, a soft ramp and a transparent band.
+                        if fy < 0.1 {
+                            0.0
+                        } else {
+                            255.0 * fx.max(0.3)
+                        }
+                    } else {
+                        120.0 + 60.0 * (5.0 * fx + k).sin() * (3.0 * fy).cos() + 50.0 * inside - lines
+                            + grain()
+                    };
+                    data.push(v.clamp(0.0, 255.0) as u8);
+                }
+            }
+        }
+        Pixels {
+            width: w,
+            height: h,
+            layout,
+            data,
+        }
+    }
+
+    /// PSNR of two same-size images over every sample, in dB.
+    fn psnr(a: &Pixels, b: &Pixels) -> f64 {
+        assert_eq!((a.width, a.height, a.layout), (b.width, b.height, b.layout));
+        let se: f64 = a
+            .data
+            .iter()
+            .zip(&b.data)
+            .map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2))
+            .sum();
+        let mse = se / a.data.len() as f64;
+        if mse == 0.0 {
+            f64::INFINITY
+        } else {
+            10.0 * (255.0 * 255.0 / mse).log10()
+        }
+    }
+
+    fn jpeg(px: &Pixels, quality: u8) -> (Vec<u8>, ImageHeader) {
+        let bytes = encode(px, ImageFormat::Jpeg, quality).expect("encode");
+        let header = probe(bytes.as_slice()).expect("probe");
+        (bytes, header)
+    }
+
+    /// The reference: decode at full size, resize the whole picture.
+    fn full_decode_then_resize(bytes: &[u8], header: &ImageHeader, to: Dims) -> Pixels {
+        let full = decode(bytes, header, None, 1 << 30).expect("decode");
+        assert_eq!((full.width, full.height), (header.width, header.height));
+        resize(full, to, ResizeFilter::CatmullRom).expect("resize")
+    }
+
     #[test]
     fn png_roundtrip_every_layout_keeps_alpha() {
         for layout in [Layout::L8, Layout::La8, Layout::Rgb8, Layout::Rgba8] {
@@ -310,20 +519,160 @@ mod tests {
     }
 
     #[test]
-    fn jpeg_scaled_decode_then_exact_resize() {
-        let bytes = encode(&gradient(1600, 1200, Layout::Rgb8), ImageFormat::Jpeg, 90).expect("encode");
-        let header = probe(bytes.as_slice()).expect("probe");
-        // DCT scaling gives at least the requested size.
-        let px = decode(&bytes, &header, Some(Dims::new(300, 220)), 1 << 30).expect("decode");
-        assert!(
-            px.width >= 300 && px.height >= 220 && px.width < 1600,
-            "{}x{}",
-            px.width,
-            px.height
+    fn dct_scale_is_the_smallest_at_or_above_the_target_on_both_sides() {
+        // 1/4 gives 960x600: tall enough but too narrow for 980 wide.
+        assert_eq!(dct_scale(3840, 2400, Dims::new(980, 588)), 4);
+        assert_eq!(dct_scale(3840, 2400, Dims::new(960, 600)), 2);
+        assert_eq!(dct_scale(3840, 2400, Dims::new(1120, 700)), 4);
+        assert_eq!(dct_scale(3840, 2400, Dims::new(480, 300)), 1);
+        assert_eq!(dct_scale(3840, 2400, Dims::new(481, 300)), 2);
+        // Odd sides round up: 1001/8 -> 126, 667/8 -> 84.
+        assert_eq!(dct_scale(1001, 667, Dims::new(126, 84)), 1);
+        assert_eq!(dct_scale(1001, 667, Dims::new(127, 84)), 2);
+        assert_eq!(dct_scale(1001, 667, Dims::new(1001, 667)), 8);
+        assert_eq!(dct_scale(100, 100, Dims::new(200, 50)), 8);
+    }
+
+    #[test]
+    fn jpeg_decodes_at_the_chosen_scale_not_the_decoders_own() {
+        // Asked for 410x240, jpeg-decoder alone would take 1/4 (400x250:
+        // tall enough, too narrow) and the resize would then upscale.
+        let (bytes, header) = jpeg(&photo(1600, 1000, Layout::Rgb8), 90);
+        let d = decode_scaled(&bytes, &header, Some(Dims::new(410, 240)), 1 << 30).expect("decode");
+        assert_eq!((d.pixels.width, d.pixels.height), (800, 500));
+        assert_eq!(d.extent, (800.0, 500.0));
+        let d = decode_scaled(&bytes, &header, Some(Dims::new(400, 250)), 1 << 30).expect("decode");
+        assert_eq!((d.pixels.width, d.pixels.height), (400, 250));
+        // Odd sides: the buffer rounds up, the extent is the picture's.
+        let (bytes, header) = jpeg(&photo(1001, 667, Layout::Rgb8), 90);
+        let d = decode_scaled(&bytes, &header, Some(Dims::new(120, 80)), 1 << 30).expect("decode");
+        assert_eq!((d.pixels.width, d.pixels.height), (126, 84));
+        assert_eq!(d.extent, (125.125, 83.375));
+        assert_eq!(d.pixels.data.len(), 126 * 84 * 3);
+    }
+
+    #[test]
+    fn dct_scaled_path_matches_full_decode_then_resize() {
+        // PSNR threshold: 30 dB is "visually equivalent" for photographs;
+        // the scaled path measures 42-53 dB on these pictures.
+        const MIN_PSNR_DB: f64 = 30.0;
+        let rule = SizingRule::QWEN2_5_VL;
+        // (width, height, layout, budget, DCT scale in eighths)
+        let cases = [
+            (1200, 800, Layout::Rgb8, 256, 4),
+            (1001, 667, Layout::Rgb8, 40, 2),
+            (777, 1203, Layout::Rgb8, 9, 1),
+            (1203, 797, Layout::L8, 100, 4),
+        ];
+        for (w, h, layout, budget, eighths) in cases {
+            let (bytes, header) = jpeg(&photo(w, h, layout), 95);
+            let to = rule
+                .fit_to_budget(w, h, budget)
+                .expect("rule")
+                .expect("over budget");
+            assert_eq!(dct_scale(w as u16, h as u16, to), eighths, "{w}x{h} -> {to:?}");
+            let scaled = decode_scaled(&bytes, &header, Some(to), 1 << 30).expect("decode");
+            assert!(
+                scaled.pixels.width < w
+                    && scaled.pixels.width >= to.width
+                    && scaled.pixels.height >= to.height,
+                "{w}x{h} -> {to:?}: decoded {}x{}",
+                scaled.pixels.width,
+                scaled.pixels.height
+            );
+            let fast = resize(scaled, to, ResizeFilter::CatmullRom).expect("resize");
+            let reference = full_decode_then_resize(&bytes, &header, to);
+            assert_eq!(
+                (fast.width, fast.height, fast.layout),
+                (to.width, to.height, layout)
+            );
+            let db = psnr(&fast, &reference);
+            assert!(db >= MIN_PSNR_DB, "{w}x{h} {layout:?} -> {to:?}: {db:.1} dB");
+            // The whole job gives the same size and pixels as the two steps.
+            let out = transcode(&bytes, &header, to, &opts()).expect("transcode");
+            let h2 = probe(out.as_slice()).expect("probe");
+            assert_eq!(
+                (h2.format, h2.width, h2.height),
+                (ImageFormat::Jpeg, to.width, to.height)
+            );
+        }
+    }
+
+    #[test]
+    fn odd_sized_scaled_decode_is_cropped_to_the_picture() {
+        // 1001 px at 1/8 is 125.125 px: the 126th column is mostly edge
+        // padding. Resizing all 126 columns would stretch the picture; the
+        // extent keeps it in place, which shows against the reference.
+        let (bytes, header) = jpeg(&photo(1001, 667, Layout::Rgb8), 95);
+        let to = Dims::new(112, 56);
+        let reference = full_decode_then_resize(&bytes, &header, to);
+        let scaled = decode_scaled(&bytes, &header, Some(to), 1 << 30).expect("decode");
+        assert_eq!(scaled.extent, (125.125, 83.375));
+        let uncropped = Decoded::from(scaled.pixels.clone());
+        let cropped = psnr(
+            &resize(scaled, to, ResizeFilter::CatmullRom).expect("resize"),
+            &reference,
         );
-        let out = transcode(&bytes, &header, Dims::new(308, 224), &opts()).expect("transcode");
-        let h2 = probe(out.as_slice()).expect("probe");
-        assert_eq!((h2.format, h2.width, h2.height), (ImageFormat::Jpeg, 308, 224));
+        let stretched = psnr(
+            &resize(uncropped, to, ResizeFilter::CatmullRom).expect("resize"),
+            &reference,
+        );
+        assert!(
+            cropped > stretched + 1.0,
+            "cropped {cropped:.1} dB, stretched {stretched:.1} dB"
+        );
+    }
+
+    #[test]
+    fn alpha_is_premultiplied_in_place_as_the_resizer_would() {
+        for layout in [Layout::La8, Layout::Rgba8] {
+            let src = photo(640, 400, layout);
+            let to = Dims::new(196, 112);
+            let ours = resize(Decoded::from(src.clone()), to, ResizeFilter::CatmullRom).expect("resize");
+            // fast_image_resize's own alpha handling (into a copy of the source).
+            let pt = layout.fir();
+            let img = fir::images::Image::from_vec_u8(src.width, src.height, src.data, pt).expect("image");
+            let mut dst = fir::images::Image::new(to.width, to.height, pt);
+            let alg = fir::ResizeAlg::Convolution(fir::FilterType::CatmullRom);
+            fir::Resizer::new()
+                .resize(
+                    &img,
+                    &mut dst,
+                    &fir::ResizeOptions::new().resize_alg(alg).use_alpha(true),
+                )
+                .expect("resize");
+            assert_eq!(ours.data, dst.into_vec(), "{layout:?}");
+            assert_eq!(ours.layout, layout);
+        }
+    }
+
+    #[test]
+    fn colour_conversions_in_place() {
+        let mut cmyk = vec![0, 0, 0, 0, 255, 255, 255, 255, 55, 155, 255, 128, 10, 20, 30, 255];
+        cmyk_to_rgb_in_place(&mut cmyk);
+        // As jpeg-decoder returns Adobe CMYK: inverted, 0 is no ink.
+        assert_eq!(cmyk, vec![255, 255, 255, 0, 0, 0, 99, 49, 0, 0, 0, 0]);
+        let mut l16 = vec![0x12, 0x34, 0xFF, 0x00, 0x00, 0xFF];
+        l16_to_l8_in_place(&mut l16);
+        assert_eq!(l16, vec![0x12, 0xFF, 0x00]);
+    }
+
+    /// Horizontal and vertical sampling factors of each component in the
+    /// frame header of a baseline JPEG.
+    fn jpeg_sampling(bytes: &[u8]) -> Vec<u8> {
+        let sof = bytes.windows(2).position(|w| w == [0xFF, 0xC0]).expect("SOF0");
+        let comps = usize::from(bytes[sof + 9]);
+        (0..comps).map(|i| bytes[sof + 11 + 3 * i]).collect()
+    }
+
+    #[test]
+    fn jpeg_output_is_420_at_every_quality() {
+        for q in [50, 90, 100] {
+            let out = encode(&photo(64, 48, Layout::Rgb8), ImageFormat::Jpeg, q).expect("encode");
+            assert_eq!(jpeg_sampling(&out), vec![0x22, 0x11, 0x11], "quality {q}");
+        }
+        let grey = encode(&photo(64, 48, Layout::L8), ImageFormat::Jpeg, 90).expect("encode");
+        assert_eq!(jpeg_sampling(&grey).len(), 1);
     }
 
     #[test]
@@ -339,6 +688,14 @@ mod tests {
         let ph = probe(png.as_slice()).expect("probe");
         assert!(matches!(
             decode(&png[..png.len() / 2], &ph, None, 1 << 30),
+            Err(TranscodeError::Decode(_))
+        ));
+        // A flipped bit in the image data fails its chunk CRC.
+        let mut flipped = png.clone();
+        let idat = flipped.windows(4).position(|w| w == b"IDAT").expect("IDAT");
+        flipped[idat + 20] ^= 0x10;
+        assert!(matches!(
+            decode(&flipped, &ph, None, 1 << 30),
             Err(TranscodeError::Decode(_))
         ));
     }
