@@ -8,7 +8,7 @@ WASM     := target/wasm32-wasip1/release/vlm_budget.wasm
 TESTDATA := .cache/testdata/usr/share/backgrounds/rhythm.jpg
 PYTEST   := $(VENV)/bin/pytest -q -p no:cacheprovider
 
-.PHONY: help toolchain wasm venv testdata unit lint integration test demo clean
+.PHONY: help toolchain wasm emulator venv testdata unit lint integration test demo clean
 
 help:
 	@echo "make demo   - build the filter and run Envoy + local backends, sending sample requests"
@@ -19,6 +19,10 @@ toolchain:
 
 wasm: toolchain
 	cargo build --release --target wasm32-wasip1
+
+# The backend emulator (tools/emulator): encode and PD servers on 127.0.0.1.
+emulator:
+	cargo build --release -p vlm-emulator
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: tests/requirements.txt
@@ -38,7 +42,7 @@ lint: toolchain
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip1 -- -D warnings
 
-integration: wasm venv testdata
+integration: wasm emulator venv testdata
 	$(PYTEST) tests/integration
 
 test: unit lint integration validate-deploy
@@ -57,7 +61,7 @@ validate-deploy: oci venv $(VENV)/.deploy-stamp testdata
 	tests/deploy/fetch-tools.sh
 	$(PYTEST) tests/deploy
 
-demo: wasm venv testdata
+demo: wasm emulator venv testdata
 	$(PY) tools/demo.py
 
 clean:

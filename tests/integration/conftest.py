@@ -28,8 +28,13 @@ def start_envoy(wasm, tmp_path_factory):
     started = []
 
     def start(plugin_config, upstream, encode_port=None):
+        """`upstream`: a Recorder or an Emulator (then its encode port is the default)."""
         listen, admin = harness.free_port(), harness.free_port()
-        cfg = harness.render_config(plugin_config, upstream.port, listen, admin, wasm, encode_port)
+        if isinstance(upstream, harness.Emulator):
+            pd_port, encode_port = upstream.pd_port, encode_port or upstream.encode_port
+        else:
+            pd_port = upstream.port
+        cfg = harness.render_config(plugin_config, pd_port, listen, admin, wasm, encode_port)
         env = harness.Envoy(cfg, tmp_path_factory.mktemp("envoy"), admin, listen)
         started.append(env)
         return env.wait_ready()
@@ -37,3 +42,18 @@ def start_envoy(wasm, tmp_path_factory):
     yield start
     for env in started:
         env.stop()
+
+
+@pytest.fixture
+def emulator(tmp_path):
+    """A fresh emulated EPD cluster (encode + PD), 1 GPU each, real-time model."""
+    started = []
+
+    def start(*args):
+        emu = harness.Emulator(tmp_path, *args)
+        started.append(emu)
+        return emu
+
+    yield start
+    for emu in started:
+        emu.stop()

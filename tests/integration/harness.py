@@ -288,3 +288,85 @@ def replace_urls(body: bytes, old: list[str], new: list[str]) -> bytes:
 
 def deepcopy(x):
     return copy.deepcopy(x)
+
+
+# ---------------------------------------------------------------- emulator
+
+EMULATOR = ROOT / "target/release/vlm-emulator"
+
+
+class Emulator:
+    """The backend emulator (tools/emulator): encode and PD roles in one process."""
+
+    def __init__(self, workdir: pathlib.Path, *args: str, encode_port: int | None = None,
+                 pd_port: int | None = None):
+        if not EMULATOR.exists():
+            raise RuntimeError(f"{EMULATOR} missing: run `make emulator`")
+        self.encode_port = encode_port or free_port()
+        self.pd_port = pd_port or free_port()
+        self.encode = f"http://127.0.0.1:{self.encode_port}"
+        self.pd = f"http://127.0.0.1:{self.pd_port}"
+        self.log_path = workdir / f"emulator-{self.pd_port}.log"
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [str(EMULATOR), "--role", "both", "--encode-port", str(self.encode_port),
+             "--pd-port", str(self.pd_port), *args],
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready()
+
+    def wait_ready(self, timeout=10.0):
+        deadline = time.time() + timeout
+        for base in (self.encode, self.pd):
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"emulator exited: {self.log_path.read_text()}")
+                try:
+                    with urllib.request.urlopen(base + "/health", timeout=1) as r:
+                        if r.status == 200:
+                            break
+                except (urllib.error.URLError, ConnectionError, OSError):
+                    if time.time() > deadline:
+                        raise
+                time.sleep(0.05)
+        return self
+
+    def _json(self, method: str, url: str, body: dict | None = None):
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read() or b"null")
+
+    def requests(self) -> list[dict]:
+        return self._json("GET", self.pd + "/debug/requests")
+
+    def clear(self):
+        self._json("DELETE", self.pd + "/debug/requests")
+
+    def faults(self, role: str, **kw):
+        return self._json("POST", (self.encode if role == "encode" else self.pd) + "/debug/faults", kw)
+
+    def metrics(self, role: str) -> str:
+        with urllib.request.urlopen((self.encode if role == "encode" else self.pd) + "/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def metric_value(text: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples in exposition text."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+            found = True
+    if not found:
+        raise KeyError(name)
+    return total
