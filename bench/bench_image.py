@@ -30,6 +30,7 @@ import platform
 import random
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -289,6 +290,65 @@ def wrk_p50_us(url: str, body: bytes, seconds: int, workdir: Path) -> dict:
             "rps": float(rps.group(1)) if rps else None}
 
 
+class KeepAlive:
+    """One HTTP/1.1 keep-alive connection sending the same request over and
+    over; reads each response whole (headers and content-length body)."""
+
+    def __init__(self, port: int, request: bytes):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request = request
+
+    def roundtrip_us(self) -> float:
+        t = time.perf_counter_ns()
+        self.sock.sendall(self.request)
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += self.sock.recv(65536)
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"unexpected response: {head[:200]!r}")
+        m = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+        need = int(m.group(1)) if m else 0
+        while len(rest) < need:
+            rest += self.sock.recv(65536)
+        return (time.perf_counter_ns() - t) / 1000
+
+    def close(self):
+        self.sock.close()
+
+
+def paired_latency(plain_port: int, filtered_port: int, body: bytes, seconds: float) -> dict:
+    """Alternates single requests between Envoy without and with the filter
+    (random order in each pair), so background load hits both alike; the
+    median of the per-pair differences is the filter's cost."""
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+               b"x-bench-upstream: fast\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    plain, filtered = KeepAlive(plain_port, request), KeepAlive(filtered_port, request)
+    rnd = random.Random(50)
+    try:
+        for _ in range(200):  # warm-up
+            plain.roundtrip_us()
+            filtered.roundtrip_us()
+        a, b = [], []
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            if rnd.random() < 0.5:
+                a.append(plain.roundtrip_us())
+                b.append(filtered.roundtrip_us())
+            else:
+                b.append(filtered.roundtrip_us())
+                a.append(plain.roundtrip_us())
+    finally:
+        plain.close()
+        filtered.close()
+    diffs = sorted(y - x for x, y in zip(a, b))
+    return {"pairs": len(diffs), "plain_p50_us": statistics.median(a), "filter_p50_us": statistics.median(b),
+            "p50_extra_us": statistics.median(b) - statistics.median(a),
+            "median_pair_diff_us": statistics.median(diffs),
+            "pair_diff_iqr_us": [diffs[len(diffs) // 4], diffs[3 * len(diffs) // 4]]}
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -405,10 +465,14 @@ def main() -> int:
     ap.add_argument("--soak", type=int, default=1000, help="large-image requests in the memory soak (0: skip)")
     ap.add_argument("--wrk-seconds", type=int, default=10)
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
+    ap.add_argument("--images", default="", help="comma-separated file names to keep (default: all)")
     args = ap.parse_args()
 
     started = time.time()
     cases = [Case(p, "real") for p in real_images()] + [Case(p, "generated") for p in generated_images()]
+    if args.images:
+        keep = set(args.images.split(","))
+        cases = [c for c in cases if c.path.name in keep]
     plugin = {"policy": "static", "static_budget_tokens": args.budget, "min_tokens_per_image": 256,
               "max_image_pixels": 40_000_000, "max_body_bytes": 67_108_864, "jpeg_quality": args.quality}
     upstream = harness.Recorder()
@@ -436,12 +500,16 @@ def main() -> int:
                 run_round(case, native, upstream, filtered_url, plain_url, args.quality, timed=True)
         rows = [summarize(c) for c in cases]
 
-        print(f"text-only overhead: wrk, 1 connection, {args.wrk_seconds} s per Envoy ...", flush=True)
+        rounds = 5
+        print(f"text-only overhead: wrk, 1 connection, {rounds} alternating runs of "
+              f"{max(1, args.wrk_seconds // rounds)} s per Envoy ...", flush=True)
         text_body = harness.chat_body([])
         text = {"plain": [], "filter": []}
-        for _ in range(2):
+        for _ in range(rounds):
             for name, url in (("plain", plain_url), ("filter", filtered_url)):
-                text[name].append(wrk_p50_us(url, text_body, max(1, args.wrk_seconds // 2), workdir))
+                text[name].append(wrk_p50_us(url, text_body, max(1, args.wrk_seconds // rounds), workdir))
+        print(f"text-only overhead: paired single requests for {args.wrk_seconds} s ...", flush=True)
+        paired = paired_latency(plain_port, filtered_port, text_body, args.wrk_seconds)
 
         soak = None
         if args.soak > 0:
@@ -487,8 +555,8 @@ def main() -> int:
                     "libvips_threads": pyvips.concurrency_get(), "envoy": envoy_version()},
         "images": rows,
         "vm_memory_first_pass": first_pass_memory,
-        "text_only": {"runs": text, "p50_us": text_summary,
-                      "p50_extra_us": text_summary["filter"] - text_summary["plain"]},
+        "text_only": {"wrk_runs": text, "wrk_p50_us": text_summary,
+                      "wrk_p50_extra_us": text_summary["filter"] - text_summary["plain"], "paired": paired},
         "soak": soak,
         "seconds": time.time() - started,
     }
@@ -559,10 +627,17 @@ def markdown(r: dict) -> str:
                 f"| {gmean([x['out_bytes']['filter'] / x['out_bytes']['pillow'] for x in xs]):.2f} "
                 f"| {gmean([x['out_bytes']['filter'] / x['out_bytes']['pyvips'] for x in xs]):.2f} |")
     t = r["text_only"]
-    runs = ", ".join(f"{a['p50_us']:.0f}/{b['p50_us']:.0f}" for a, b in zip(t["runs"]["plain"], t["runs"]["filter"]))
-    lines += ["", f"Text-only chat request, wrk with 1 connection through Envoy to a direct-response Envoy: "
-                  f"p50 without the filter {t['p50_us']['plain']:.0f} µs, with it {t['p50_us']['filter']:.0f} µs: "
-                  f"**{t['p50_extra_us']:+.0f} µs** (runs without/with: {runs} µs)."]
+    pr = t["paired"]
+    runs = ", ".join(f"{a['p50_us']:.0f}/{b['p50_us']:.0f}"
+                     for a, b in zip(t["wrk_runs"]["plain"], t["wrk_runs"]["filter"]))
+    lines += ["", "Text-only chat request (no image), Envoy to a direct-response Envoy, one connection:", "",
+              f"- paired single requests, alternating between Envoy without and with the filter "
+              f"({pr['pairs']} pairs): p50 {pr['plain_p50_us']:.0f} µs without, {pr['filter_p50_us']:.0f} µs with: "
+              f"**{pr['p50_extra_us']:+.0f} µs**; median per-pair difference {pr['median_pair_diff_us']:+.0f} µs "
+              f"(interquartile {pr['pair_diff_iqr_us'][0]:+.0f} to {pr['pair_diff_iqr_us'][1]:+.0f} µs).",
+              f"- wrk, 5 alternating runs each: p50 {t['wrk_p50_us']['plain']:.0f} µs without, "
+              f"{t['wrk_p50_us']['filter']:.0f} µs with: {t['wrk_p50_extra_us']:+.0f} µs "
+              f"(runs without/with: {runs} µs)."]
     s = r["soak"]
     if s:
         first = r["vm_memory_first_pass"]

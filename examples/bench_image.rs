@@ -12,6 +12,9 @@
 //!     [--reps N] [--stages] [--out-dir DIR] [--serve] FILE...
 //! ```
 //!
+//! With `--text-only N` it first times N runs of a chat request without
+//! images (the filter's cost on text traffic).
+//!
 //! Prints one JSON object per file on stdout. With `--serve` it then reads
 //! file paths from stdin, one a line, and answers each the same way (so a
 //! driver can interleave these runs with other programs' runs).
@@ -24,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use vlm_budget::core::base64buf::{Base64Payload, ENCODER};
 use vlm_budget::core::config::Config;
-use vlm_budget::core::pipeline::{process, ImageAction};
+use vlm_budget::core::pipeline::{process, ImageAction, RequestContext};
 use vlm_budget::core::policy::from_config;
 use vlm_budget::core::probe::probe;
 use vlm_budget::core::transcode::{decode_scaled, encode, resize};
@@ -93,6 +96,7 @@ struct Args {
     reps: usize,
     stages: bool,
     serve: bool,
+    text_only: usize,
     out_dir: Option<PathBuf>,
     files: Vec<PathBuf>,
 }
@@ -104,6 +108,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
         reps: 5,
         stages: false,
         serve: false,
+        text_only: 0,
         out_dir: None,
         files: Vec::new(),
     };
@@ -116,6 +121,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             "--reps" => a.reps = value("--reps")?.parse()?,
             "--stages" => a.stages = true,
             "--serve" => a.serve = true,
+            "--text-only" => a.text_only = value("--text-only")?.parse()?,
             "--out-dir" => a.out_dir = Some(value("--out-dir")?.into()),
             "-h" | "--help" => {
                 println!(
@@ -127,7 +133,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             _ => a.files.push(arg.into()),
         }
     }
-    if a.files.is_empty() && !a.serve {
+    if a.files.is_empty() && !a.serve && a.text_only == 0 {
         return Err("no image files given".into());
     }
     a.reps = a.reps.max(1);
@@ -185,14 +191,8 @@ fn bench_file(path: &Path, args: &Args, cfg: &Config) -> Result<serde_json::Valu
     for _ in 0..args.reps {
         let base = reset_peak();
         let t = Instant::now();
-        let outcome = process(
-            &body,
-            cfg,
-            policy.as_ref(),
-            &vlm_budget::core::pipeline::RequestContext::default(),
-            &clock,
-        )
-        .map_err(|e| e.to_string())?;
+        let outcome = process(&body, cfg, policy.as_ref(), &RequestContext::default(), &clock)
+            .map_err(|e| e.to_string())?;
         times.push(ms_since(t));
         peak = peak.max(PEAK.load(Ordering::Relaxed).saturating_sub(base));
         out_body = Some(outcome);
@@ -283,6 +283,24 @@ fn stages(
     }))
 }
 
+/// Median time of the whole job on a chat request without images.
+fn text_only(runs: usize, cfg: &Config) -> Result<serde_json::Value, Box<dyn Error>> {
+    let body = br#"{"model":"Qwen/Qwen2.5-VL-3B-Instruct","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":[{"type":"text","text":"Describe the images."}]}],"temperature":0.70,"max_tokens":256}"#;
+    let policy = from_config(cfg);
+    let clock = || 0u64;
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        let outcome = process(body, cfg, policy.as_ref(), &RequestContext::default(), &clock)
+            .map_err(|e| e.to_string())?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        if outcome.body.is_some() {
+            return Err("a text-only request was rewritten".into());
+        }
+    }
+    Ok(serde_json::json!({"text_only_body_bytes": body.len(), "text_only_median_us": median(&mut times)}))
+}
+
 fn main() -> Result<(), Box<dyn Error>> {
     let args = parse_args()?;
     let cfg = Config::from_json(
@@ -297,6 +315,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     )?;
     if let Some(dir) = &args.out_dir {
         std::fs::create_dir_all(dir)?;
+    }
+    if args.text_only > 0 {
+        println!("{}", text_only(args.text_only, &cfg)?);
     }
     for file in &args.files {
         let row = bench_file(file, &args, &cfg)?;
