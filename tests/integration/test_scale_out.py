@@ -62,13 +62,14 @@ def emulator_binary():
 
 class Emulator:
     """One vlm-emulator process: an encode instance (one GPU, one image per
-    batch) and a prefill/decode instance."""
+    batch, at half the H100's speed so the queue outlasts the polls) and a
+    prefill/decode instance."""
 
     def __init__(self, binary, log_path):
         self.log = open(log_path, "wb")
         self.proc = subprocess.Popen(
             [str(binary), "--role", "both", "--encode-port", "0", "--pd-port", "0", "--jitter-sigma", "0",
-             "--encode-gpus", "1", "--max-num-batched-tokens", "8192", "--pd-gpus", "8",
+             "--encode-gpus", "1", "--max-num-batched-tokens", "8192", "--speed-factor", "2", "--pd-gpus", "8",
              "--default-output-tokens", "1"],
             stdout=subprocess.PIPE, stderr=self.log, start_new_session=True)
         line = self.proc.stdout.readline().decode()
