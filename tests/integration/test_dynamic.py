@@ -1,0 +1,120 @@
+"""The dynamic policy through the real Envoy and the backend emulator."""
+import concurrent.futures
+import time
+
+import pytest
+
+import harness
+from harness import chat_body, data_url, image_bytes, post
+
+DYNAMIC = {"policy": "dynamic", "encode_cluster": "encode_cluster", "ttft_slo_ms": 1000,
+           "rate_window_s": 2, "metrics_poll_ms": 200, "metrics_stale_ms": 1000}
+HELD = ("encode_inflight", "pd_inflight", "encode_outstanding_ms")
+
+
+def photo(w=2240, h=1400):
+    return data_url(image_bytes(w, h, "JPEG", quality=85), "image/jpeg")
+
+
+def gauges(env):
+    stats = env.stats()
+    return [stats[f"wasmcustom.vlm_budget_{g}"] for g in HELD]
+
+
+def wait_until(predicate, timeout=20.0, step=0.1):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(step)
+
+
+def test_budgets_shrink_in_a_burst_and_recover(start_envoy, emulator):
+    emu = emulator("--jitter-sigma", "0")
+    env = start_envoy(DYNAMIC, emu)
+    body = chat_body([photo()])
+    status, idle, _ = post(env.url, body)
+    assert status == 200
+    assert idle["x-vlm-budget-reason"] == "unconstrained"
+    assert idle["x-vlm-visual-tokens-after"] == idle["x-vlm-visual-tokens-before"] == "4000"
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        burst = list(pool.map(lambda _: post(env.url, body, timeout=120), range(16)))
+    assert all(s == 200 for s, _, _ in burst)
+    kept = [int(h["x-vlm-visual-tokens-after"]) for _, h, _ in burst]
+    reasons = {h["x-vlm-budget-reason"] for _, h, _ in burst}
+    assert min(kept) < 4000, kept  # budgets shrank under the backlog
+    assert reasons & {"slo", "stability", "floor"}, reasons
+    # No budget below the floor (the kept count rounds down to whole rows of tokens).
+    assert all(int(h["x-vlm-budget-tokens"]) >= 256 for _, h, _ in burst)
+    for _, h, _ in burst:
+        if h["x-vlm-budget-reason"] == "slo":
+            assert float(h["x-vlm-predicted-ttft-ms"]) <= 1000 * 0.9 + 1
+
+    # Every counter the burst raised comes back down...
+    wait_until(lambda: gauges(env) == [0, 0, 0])
+    # ...and once the queue has drained and the rate decayed, images are kept whole again.
+    wait_until(lambda: env.stats()["wasmcustom.vlm_budget_cluster_waiting"] == 0, timeout=10)
+    time.sleep(3)
+    status, after, _ = post(env.url, body)
+    assert status == 200 and after["x-vlm-budget-reason"] == "unconstrained"
+    assert after["x-vlm-visual-tokens-after"] == "4000"
+    log = emu.requests()
+    assert all(img["cache"] == "hit" for e in log if e["role"] == "pd" for img in e["images"])
+
+
+def test_per_request_slo_header(start_envoy, emulator):
+    emu = emulator("--jitter-sigma", "0", "--time-scale", "0.2")
+    env = start_envoy({**DYNAMIC, "slo_min_ms": 50}, emu)
+    body = chat_body([photo()])
+    _, relaxed, _ = post(env.url, body)
+    _, tight, _ = post(env.url, body, headers={"x-slo-ttft-ms": "150"})
+    assert relaxed["x-vlm-budget-reason"] == "unconstrained"
+    assert tight["x-vlm-budget-reason"] in ("slo", "floor")
+    assert int(tight["x-vlm-visual-tokens-after"]) < int(relaxed["x-vlm-visual-tokens-after"])
+    assert float(tight["x-vlm-predicted-ttft-ms"]) < float(relaxed["x-vlm-predicted-ttft-ms"])
+    # Out of bounds: clamped to slo_min_ms (the tightest budget), not ignored.
+    _, clamped, _ = post(env.url, body, headers={"x-slo-ttft-ms": "1"})
+    assert clamped["x-vlm-budget-reason"] == "floor"
+    assert int(clamped["x-vlm-visual-tokens-after"]) <= int(tight["x-vlm-visual-tokens-after"])
+
+
+def test_metrics_poll_falls_back_when_the_encoders_are_gone(start_envoy, emulator):
+    encoders = emulator("--jitter-sigma", "0", "--time-scale", "0.2")
+    pd = emulator("--jitter-sigma", "0", "--time-scale", "0.2")
+    env = start_envoy({**DYNAMIC, "metrics_stale_ms": 600}, pd, encoders.encode_port)
+    wait_until(lambda: env.stats()["wasmcustom.vlm_budget_cluster_signal_fresh"] == 1)
+    assert env.stats()["wasmcustom.vlm_budget_metrics_polls_total"] >= 1
+    encoders.stop()
+    failures = env.stats()["wasmcustom.vlm_budget_metrics_poll_failures_total"]
+    wait_until(lambda: env.stats()["wasmcustom.vlm_budget_cluster_signal_fresh"] == 0)
+    wait_until(lambda: env.stats()["wasmcustom.vlm_budget_metrics_poll_failures_total"] > failures)
+    # Requests are still served: budgets from local counters, PD encodes itself.
+    status, headers, _ = post(env.url, chat_body([photo()]))
+    assert status == 200
+    assert headers["x-vlm-encode"] == "fallback" and headers["x-vlm-budget-reason"]
+    wait_until(lambda: gauges(env) == [0, 0, 0])
+
+
+def calibrated_factor(start_envoy, emulator, speed: str) -> list[float]:
+    emu = emulator("--jitter-sigma", "0", "--speed-factor", speed, "--preprocess-ms-per-mpixel", "0")
+    env = start_envoy({**DYNAMIC, "ttft_slo_ms": 60000, "calibration": {"alpha": 0.3}}, emu)
+    body = chat_body([data_url(image_bytes(2240, 2240, "JPEG", quality=80), "image/jpeg")])
+    factors = []
+    for _ in range(12):
+        status, headers, _ = post(env.url, body)
+        assert status == 200 and headers["x-vlm-encode"] == "ok"
+        factors.append(env.stats()["wasmcustom.vlm_budget_calibration_factor_milli"] / 1000)
+        emu._json("DELETE", emu.encode + "/debug/ec-cache")  # every request really encodes
+    return factors
+
+
+def test_calibration_converges_when_the_gpus_are_slower(start_envoy, emulator):
+    base = calibrated_factor(start_envoy, emulator, "1.0")
+    slow = calibrated_factor(start_envoy, emulator, "1.5")
+    for series in (base, slow):
+        tail = series[-4:]
+        assert max(tail) / min(tail) < 1.08, series  # converged
+    ratio = slow[-1] / base[-1]
+    # The encoder's share of the observed time is 1.5x slower; fixed costs
+    # (HTTP, the emulator's real image decode) are not.
+    assert 1.25 < ratio < 1.7, (base, slow)
