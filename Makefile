@@ -79,4 +79,6 @@ bench-image: wasm venv testdata
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r bench/requirements.txt
 	@command -v wrk >/dev/null || apt-get install -y -qq wrk || { apt-get update -qq && apt-get install -y -qq wrk; }
 	cargo build --release --example bench_image
-	$(PY) bench/bench_image.py --native target/release/examples/bench_image --reps $(BENCH_REPS) --soak $(BENCH_SOAK)
+	CARGO_TARGET_DIR=target/null-filter cargo build --release --target wasm32-wasip1 --manifest-path bench/null-filter/Cargo.toml
+	$(PY) bench/bench_image.py --native target/release/examples/bench_image --reps $(BENCH_REPS) --soak $(BENCH_SOAK) \
+	  --null-wasm target/null-filter/wasm32-wasip1/release/null_filter.wasm

@@ -156,9 +156,10 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 
 
 def envoy_config(wasm: Path, plugin: dict, upstream_port: int, fast_port: int, filtered_port: int,
-                 plain_port: int, admin_port: int) -> dict:
+                 plain_port: int, admin_port: int, null_wasm: Path | None = None, null_port: int = 0) -> dict:
     """envoy/envoy.yaml with two listeners, one with the filter and one
-    without, sharing one route table: requests with `x-bench-upstream: fast`
+    without (and a third with `null_wasm`, a filter that only buffers the
+    body), sharing one route table: requests with `x-bench-upstream: fast`
     go to a direct-response Envoy, the rest to the recording upstream."""
     cfg = harness.render_config(plugin, upstream_port, filtered_port, admin_port, wasm)
     filtered = cfg["static_resources"]["listeners"][0]
@@ -175,6 +176,16 @@ def envoy_config(wasm: Path, plugin: dict, upstream_port: int, fast_port: int, f
     plain_hcm["stat_prefix"] = "plain_ingress"
     plain_hcm["http_filters"] = [f for f in plain_hcm["http_filters"] if f["name"] != "envoy.filters.http.wasm"]
     cfg["static_resources"]["listeners"].append(plain)
+    if null_wasm is not None:
+        null = harness.deepcopy(filtered)
+        null["name"] = "null_ingress"
+        null["address"]["socket_address"]["port_value"] = null_port
+        null_hcm = null["filter_chains"][0]["filters"][0]["typed_config"]
+        null_hcm["stat_prefix"] = "null_ingress"
+        wasm_cfg = null_hcm["http_filters"][0]["typed_config"]["config"]
+        wasm_cfg["name"] = wasm_cfg["root_id"] = wasm_cfg["vm_config"]["vm_id"] = "null_filter"
+        wasm_cfg["vm_config"]["code"]["local"]["filename"] = str(null_wasm)
+        cfg["static_resources"]["listeners"].append(null)
     fast = harness.deepcopy(cfg["static_resources"]["clusters"][0])
     fast["name"] = fast["load_assignment"]["cluster_name"] = "fast_cluster"
     addr = fast["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
@@ -318,35 +329,37 @@ class KeepAlive:
         self.sock.close()
 
 
-def paired_latency(plain_port: int, filtered_port: int, body: bytes, seconds: float) -> dict:
-    """Alternates single requests between Envoy without and with the filter
-    (random order in each pair), so background load hits both alike; the
-    median of the per-pair differences is the filter's cost."""
+def paired_latency(ports: dict[str, int], body: bytes, seconds: float) -> dict:
+    """Sends single requests to each Envoy listener in turn (random order in
+    each round), so background load hits all alike; per listener the p50,
+    and per round the difference to the listener without a filter."""
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
                b"x-bench-upstream: fast\r\ncontent-length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-    plain, filtered = KeepAlive(plain_port, request), KeepAlive(filtered_port, request)
+    conns = {name: KeepAlive(port, request) for name, port in ports.items()}
+    names = list(conns)
     rnd = random.Random(50)
+    times: dict[str, list[float]] = {name: [] for name in names}
     try:
         for _ in range(200):  # warm-up
-            plain.roundtrip_us()
-            filtered.roundtrip_us()
-        a, b = [], []
+            for c in conns.values():
+                c.roundtrip_us()
         deadline = time.time() + seconds
         while time.time() < deadline:
-            if rnd.random() < 0.5:
-                a.append(plain.roundtrip_us())
-                b.append(filtered.roundtrip_us())
-            else:
-                b.append(filtered.roundtrip_us())
-                a.append(plain.roundtrip_us())
+            rnd.shuffle(names)
+            for name in names:
+                times[name].append(conns[name].roundtrip_us())
     finally:
-        plain.close()
-        filtered.close()
-    diffs = sorted(y - x for x, y in zip(a, b))
-    return {"pairs": len(diffs), "plain_p50_us": statistics.median(a), "filter_p50_us": statistics.median(b),
-            "p50_extra_us": statistics.median(b) - statistics.median(a),
-            "median_pair_diff_us": statistics.median(diffs),
-            "pair_diff_iqr_us": [diffs[len(diffs) // 4], diffs[3 * len(diffs) // 4]]}
+        for c in conns.values():
+            c.close()
+    out: dict = {"rounds": len(times["plain"])}
+    for name, ts in times.items():
+        out[name] = {"p50_us": statistics.median(ts)}
+        if name != "plain":
+            diffs = sorted(t - p for t, p in zip(ts, times["plain"]))
+            out[name]["p50_extra_us"] = statistics.median(ts) - statistics.median(times["plain"])
+            out[name]["median_round_diff_us"] = statistics.median(diffs)
+            out[name]["round_diff_iqr_us"] = [diffs[len(diffs) // 4], diffs[3 * len(diffs) // 4]]
+    return out
 
 
 # ------------------------------------------------------------------ main
@@ -459,6 +472,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--native", type=Path, required=True, help="the bench_image example binary")
     ap.add_argument("--wasm", type=Path, default=harness.WASM)
+    ap.add_argument("--null-wasm", type=Path, help="a filter that only buffers the body (bench/null-filter)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--budget", type=int, default=1024)
     ap.add_argument("--quality", type=int, default=90)
@@ -477,10 +491,11 @@ def main() -> int:
               "max_image_pixels": 40_000_000, "max_body_bytes": 67_108_864, "jpeg_quality": args.quality}
     upstream = harness.Recorder()
     workdir = Path(tempfile.mkdtemp(prefix="bench-image-"))
-    fast_port, fast_admin, filtered_port, plain_port, admin_port = (harness.free_port() for _ in range(5))
+    fast_port, fast_admin, filtered_port, plain_port, admin_port, null_port = (
+        harness.free_port() for _ in range(6))
     fast = EnvoyProc(direct_response_config(fast_port, fast_admin), workdir, fast_admin, "upstream")
     envoy = EnvoyProc(envoy_config(args.wasm, plugin, upstream.port, fast_port, filtered_port, plain_port,
-                                   admin_port), workdir, admin_port, "envoy")
+                                   admin_port, args.null_wasm, null_port), workdir, admin_port, "envoy")
     native = Native(args.native, args.quality, args.budget)
     filtered_url, plain_url = f"http://127.0.0.1:{filtered_port}", f"http://127.0.0.1:{plain_port}"
     gauge = "wasmcustom.vlm_budget_vm_memory_bytes"
@@ -509,7 +524,10 @@ def main() -> int:
             for name, url in (("plain", plain_url), ("filter", filtered_url)):
                 text[name].append(wrk_p50_us(url, text_body, max(1, args.wrk_seconds // rounds), workdir))
         print(f"text-only overhead: paired single requests for {args.wrk_seconds} s ...", flush=True)
-        paired = paired_latency(plain_port, filtered_port, text_body, args.wrk_seconds)
+        ports = {"plain": plain_port, "filter": filtered_port}
+        if args.null_wasm is not None:
+            ports["null_filter"] = null_port
+        paired = paired_latency(ports, text_body, args.wrk_seconds)
 
         soak = None
         if args.soak > 0:
@@ -630,11 +648,18 @@ def markdown(r: dict) -> str:
     pr = t["paired"]
     runs = ", ".join(f"{a['p50_us']:.0f}/{b['p50_us']:.0f}"
                      for a, b in zip(t["wrk_runs"]["plain"], t["wrk_runs"]["filter"]))
+
+    def extra(name: str) -> str:
+        x = pr[name]
+        return (f"p50 {x['p50_us']:.0f} µs, **{x['p50_extra_us']:+.0f} µs** (median per-round difference "
+                f"{x['median_round_diff_us']:+.0f} µs, interquartile {x['round_diff_iqr_us'][0]:+.0f} to "
+                f"{x['round_diff_iqr_us'][1]:+.0f} µs)")
+
     lines += ["", "Text-only chat request (no image), Envoy to a direct-response Envoy, one connection:", "",
-              f"- paired single requests, alternating between Envoy without and with the filter "
-              f"({pr['pairs']} pairs): p50 {pr['plain_p50_us']:.0f} µs without, {pr['filter_p50_us']:.0f} µs with: "
-              f"**{pr['p50_extra_us']:+.0f} µs**; median per-pair difference {pr['median_pair_diff_us']:+.0f} µs "
-              f"(interquartile {pr['pair_diff_iqr_us'][0]:+.0f} to {pr['pair_diff_iqr_us'][1]:+.0f} µs).",
+              f"- single requests to each listener in turn ({pr['rounds']} rounds): without a filter p50 "
+              f"{pr['plain']['p50_us']:.0f} µs; with vlm-budget {extra('filter')}"
+              + (f"; with a wasm filter that only buffers the body {extra('null_filter')}"
+                 if "null_filter" in pr else "") + ".",
               f"- wrk, 5 alternating runs each: p50 {t['wrk_p50_us']['plain']:.0f} µs without, "
               f"{t['wrk_p50_us']['filter']:.0f} µs with: {t['wrk_p50_extra_us']:+.0f} µs "
               f"(runs without/with: {runs} µs)."]
