@@ -151,6 +151,10 @@ def scenario(poll_ms: int, binary, tmp_path, bodies) -> dict:
             envs[name] = harness.Envoy(cfg, tmp_path, admin, listen)
         for env in envs.values():
             env.wait_ready()
+        if poll_ms:
+            # Steady state: both replicas hold a fresh (idle) reading.
+            for name, env in envs.items():
+                wait_for(f"{name}'s first reading", lambda e=env: gauges(e).get("cluster_signal_fresh") == 1)
         sender = Sender()
         # The burst: HALF requests to each replica at once.
         for k in range(2 * HALF):
