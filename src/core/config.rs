@@ -214,6 +214,27 @@ fn bad(field: &str, message: impl Into<String>) -> ConfigError {
 /// 1 GiB and a rewrite holds the body about three times over.
 pub const MAX_BODY_BYTES_CEILING: u64 = 256 * 1024 * 1024;
 
+/// serde also reads a struct from a JSON array (fields by position, the
+/// rest defaulted), so `[]` would load as every default: the configuration
+/// and each of its sections must be JSON objects.
+fn reject_positional(bytes: &[u8]) -> Result<(), ConfigError> {
+    const OBJECTS: [(&str, &str); 6] = [
+        ("", "(root)"),
+        ("/sizing", "sizing"),
+        ("/profile", "profile"),
+        ("/profile/encode_ms", "profile.encode_ms"),
+        ("/profile/prefill_ms", "profile.prefill_ms"),
+        ("/calibration", "calibration"),
+    ];
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| bad("(root)", e.to_string()))?;
+    for (pointer, field) in OBJECTS {
+        if value.pointer(pointer).is_some_and(serde_json::Value::is_array) {
+            return Err(bad(field, "must be an object, not an array"));
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Parses and validates. Empty input means all defaults.
     pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
@@ -232,6 +253,7 @@ impl Config {
             let message = e.into_inner().to_string();
             ConfigError { field, message }
         })?;
+        reject_positional(bytes)?;
         cfg.validated()
     }
 
@@ -520,5 +542,30 @@ mod tests {
         assert_eq!(err(r#"{"profile":{"gpus":1}}"#).field, "profile.gpus");
         assert_eq!(err(r#"{"calibration":{"alpha":2}}"#).field, "calibration.alpha");
         assert_eq!(err(r#"{"metrics_poll_ms":5}"#).field, "metrics_poll_ms");
+    }
+
+    #[test]
+    fn arrays_never_stand_for_sections() {
+        // serde would fill a struct from an array by position, defaulting
+        // the rest: `[]` must not load as every default.
+        assert_eq!(err("[]").field, "(root)");
+        assert_eq!(err(r#"["vanilla", 2048]"#).field, "(root)");
+        assert_eq!(err(r#"{"calibration":[]}"#).field, "calibration");
+        assert_eq!(err(r#"{"sizing":[14, 2]}"#).field, "sizing");
+        assert_eq!(err(r#"{"profile":[]}"#).field, "profile");
+        assert_eq!(
+            err(r#"{"profile":{"encode_ms":[1, 0.1, 0]}}"#).field,
+            "profile.encode_ms"
+        );
+        assert_eq!(
+            err(r#"{"profile":{"prefill_ms":[1, 0.1, 0]}}"#).field,
+            "profile.prefill_ms"
+        );
+        assert!(err(r#"{"calibration":[]}"#).message.contains("not an array"));
+        // Arrays where arrays belong still load.
+        assert!(
+            Config::from_json(br#"{"paths":["/a"],"profile":{"encode_ms":{"table":[[0,1],[10,2]]}}}"#)
+                .is_ok()
+        );
     }
 }
