@@ -130,6 +130,7 @@ impl Context for Root {
                 if let Some(m) = &self.metrics {
                     m.set(GAUGE_CLUSTER_WAITING, waiting);
                     m.set(GAUGE_CLUSTER_RUNNING, running);
+                    m.set(GAUGE_CLUSTER_FRESH, 1.0);
                 }
             }
             None => {
