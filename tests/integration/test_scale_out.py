@@ -9,18 +9,13 @@ several times more."""
 from __future__ import annotations
 
 import io
-import re
-import subprocess
 import threading
 import time
-import urllib.request
 
-import pytest
 from PIL import Image
 
 import harness
 
-EMULATOR = harness.ROOT / "target/release/vlm-emulator"
 HALF = 4                 # burst requests per replica
 SIZE = (2800, 2100)      # 7,500 visual tokens
 TOKENS = 7500
@@ -50,54 +45,17 @@ def plugin(poll_ms: int) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def emulator_binary():
-    if not EMULATOR.exists():
-        run = subprocess.run(["cargo", "build", "-p", "vlm-emulator", "--release"], cwd=harness.ROOT,
-                             capture_output=True, text=True, timeout=900)
-        if run.returncode != 0:
-            pytest.fail(f"cannot build the emulator:\n{run.stderr[-3000:]}")
-    return EMULATOR
+# One encode instance (one GPU, one image per batch, at half the H100's speed
+# so the queue outlasts the polls) and a prefill/decode instance.
+EMULATOR_ARGS = ("--jitter-sigma", "0", "--encode-gpus", "1", "--max-num-batched-tokens", "8192",
+                 "--speed-factor", "2", "--pd-gpus", "8", "--default-output-tokens", "1")
 
 
-class Emulator:
-    """One vlm-emulator process: an encode instance (one GPU, one image per
-    batch, at half the H100's speed so the queue outlasts the polls) and a
-    prefill/decode instance."""
-
-    def __init__(self, binary, log_path):
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [str(binary), "--role", "both", "--encode-port", "0", "--pd-port", "0", "--jitter-sigma", "0",
-             "--encode-gpus", "1", "--max-num-batched-tokens", "8192", "--speed-factor", "2", "--pd-gpus", "8",
-             "--default-output-tokens", "1"],
-            stdout=subprocess.PIPE, stderr=self.log, start_new_session=True)
-        line = self.proc.stdout.readline().decode()
-        m = re.search(r"encode http://127\.0\.0\.1:(\d+) pd http://127\.0\.0\.1:(\d+)", line)
-        if not m:
-            self.stop()
-            raise RuntimeError(f"emulator did not start: {line!r}")
-        self.encode_port, self.pd_port = int(m.group(1)), int(m.group(2))
-
-    def backlog(self) -> int:
-        """vllm:num_requests_waiting + vllm:num_requests_running of the encoders."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.encode_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(("vllm:num_requests_waiting", "vllm:num_requests_running")):
-                total += float(line.rsplit(" ", 1)[1])
-        return int(total)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
+def backlog(emu: harness.Emulator) -> int:
+    """vllm:num_requests_waiting + vllm:num_requests_running of the encoders."""
+    text = emu.metrics("encode")
+    return int(harness.metric_value(text, "vllm:num_requests_waiting")
+               + harness.metric_value(text, "vllm:num_requests_running"))
 
 
 def body(i: int) -> bytes:
@@ -141,8 +99,8 @@ class Sender:
             t.join(timeout=120)
 
 
-def scenario(poll_ms: int, binary, tmp_path, bodies) -> dict:
-    emu = Emulator(binary, tmp_path / f"emulator-{poll_ms}.log")
+def scenario(poll_ms: int, tmp_path, bodies) -> dict:
+    emu = harness.Emulator(tmp_path, *EMULATOR_ARGS)
     envs = {}
     try:
         for name in ("A", "B"):
@@ -161,7 +119,7 @@ def scenario(poll_ms: int, binary, tmp_path, bodies) -> dict:
             name = "AB"[k % 2]
             sender.send(f"burst-{name}-{k // 2}", envs[name], bodies[k], BURST_SLO_MS)
         # The encoders hold (nearly) all of it.
-        wait_for("the burst at the encoders", lambda: emu.backlog() >= 2 * HALF - 1)
+        wait_for("the burst at the encoders", lambda: backlog(emu) >= 2 * HALF - 1)
         seen = {}
         if poll_ms:
             # Each replica's poll has read that backlog.
@@ -172,7 +130,7 @@ def scenario(poll_ms: int, binary, tmp_path, bodies) -> dict:
                 seen[name] = gauges(env)
         else:
             time.sleep(0.3)
-        backlog_at_probe = emu.backlog()
+        backlog_at_probe = backlog(emu)
         # One more request to each replica.
         for name, env in envs.items():
             sender.send(f"probe-{name}", env, bodies[2 * HALF + "AB".index(name)], PROBE_SLO_MS)
@@ -185,9 +143,9 @@ def scenario(poll_ms: int, binary, tmp_path, bodies) -> dict:
         emu.stop()
 
 
-def test_replicas_budget_for_the_whole_backlog(wasm, emulator_binary, tmp_path):
-    on = scenario(200, emulator_binary, tmp_path, [body(i) for i in range(2 * HALF + 2)])
-    off = scenario(0, emulator_binary, tmp_path, [body(50 + i) for i in range(2 * HALF + 2)])
+def test_replicas_budget_for_the_whole_backlog(wasm, tmp_path):
+    on = scenario(200, tmp_path, [body(i) for i in range(2 * HALF + 2)])
+    off = scenario(0, tmp_path, [body(50 + i) for i in range(2 * HALF + 2)])
 
     report = {}
     for label, run in (("on", on), ("off", off)):
