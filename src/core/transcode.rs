@@ -288,7 +288,8 @@ fn l16_to_l8_in_place(data: &mut Vec<u8>) {
     data.truncate(n);
 }
 
-/// Adobe CMYK as jpeg-decoder returns it (inverted) to RGB, in place.
+/// CMYK ink amounts (0 is no ink: jpeg-decoder undoes Adobe's inverted
+/// storage, for CMYK and YCCK alike) to RGB, in place.
 fn cmyk_to_rgb_in_place(data: &mut Vec<u8>) {
     let n = data.len() / 4;
     for i in 0..n {
@@ -650,11 +651,37 @@ mod tests {
     fn colour_conversions_in_place() {
         let mut cmyk = vec![0, 0, 0, 0, 255, 255, 255, 255, 55, 155, 255, 128, 10, 20, 30, 255];
         cmyk_to_rgb_in_place(&mut cmyk);
-        // As jpeg-decoder returns Adobe CMYK: inverted, 0 is no ink.
+        // Ink amounts: 0 is white paper, full K is black.
         assert_eq!(cmyk, vec![255, 255, 255, 0, 0, 0, 99, 49, 0, 0, 0, 0]);
         let mut l16 = vec![0x12, 0x34, 0xFF, 0x00, 0x00, 0xFF];
         l16_to_l8_in_place(&mut l16);
         assert_eq!(l16, vec![0x12, 0xFF, 0x00]);
+    }
+
+    #[test]
+    fn cmyk_jpegs_come_out_as_rgb() {
+        // Magenta and yellow ink on white: red, as Adobe CMYK and as YCCK.
+        let (w, h) = (96u16, 64u16);
+        let ink: Vec<u8> = (0..usize::from(w) * usize::from(h))
+            .flat_map(|_| [0, 255, 255, 0])
+            .collect();
+        for color in [jpeg_encoder::ColorType::Cmyk, jpeg_encoder::ColorType::CmykAsYcck] {
+            let mut bytes = Vec::new();
+            jpeg_encoder::Encoder::new(&mut bytes, 95)
+                .encode(&ink, w, h, color)
+                .expect("encode");
+            let header = probe(bytes.as_slice()).expect("probe");
+            assert_eq!(header.color, 4);
+            let to = Dims::new(56, 28);
+            let out = transcode(&bytes, &header, to, &opts()).expect("transcode");
+            let px = decode(&out, &probe(out.as_slice()).expect("probe"), None, 1 << 30).expect("decode");
+            assert_eq!((px.width, px.height, px.layout), (56, 28, Layout::Rgb8));
+            let centre = &px.data[(14 * 56 + 28) * 3..][..3];
+            assert!(
+                centre[0] > 230 && centre[1] < 25 && centre[2] < 25,
+                "{color:?}: {centre:?}"
+            );
+        }
     }
 
     /// Horizontal and vertical sampling factors of each component in the
