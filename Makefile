@@ -82,3 +82,28 @@ bench-image: wasm venv testdata
 	CARGO_TARGET_DIR=target/null-filter cargo build --release --target wasm32-wasip1 --manifest-path bench/null-filter/Cargo.toml
 	$(PY) bench/bench_image.py --native target/release/examples/bench_image --reps $(BENCH_REPS) --soak $(BENCH_SOAK) \
 	  --null-wasm target/null-filter/wasm32-wasip1/release/null_filter.wasm
+
+# Fuzzing (not part of `make test`): each cargo-fuzz target of fuzz/ for
+# FUZZ_SECONDS, one job, on seeds from fuzz/gen_seeds.py. A failing input is
+# left in fuzz/artifacts/<target>/; it belongs in tests/data/fuzz-regressions/.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := request encode_requests pipeline datauri_base64 probe_decode config prometheus
+CARGO_FUZZ   := .cache/tools/bin/cargo-fuzz
+FUZZ_FLAGS   := -max_total_time=$(FUZZ_SECONDS) -malloc_limit_mb=256 -rss_limit_mb=1536 -timeout=10 -print_final_stats=1
+
+.PHONY: fuzz soak
+fuzz: venv
+	@rustup toolchain list | grep -q '^nightly' || { echo "make fuzz needs a nightly toolchain: rustup toolchain install nightly"; exit 1; }
+	@test -x $(CARGO_FUZZ) || cargo install cargo-fuzz --version 0.13.2 --locked --root .cache/tools
+	$(PY) fuzz/gen_seeds.py
+	@mkdir -p fuzz/logs; for t in $(FUZZ_TARGETS); do \
+	  RUSTUP_TOOLCHAIN=nightly $(CARGO_FUZZ) fuzz run $$t fuzz/corpus/$$t -- $(FUZZ_FLAGS) > fuzz/logs/$$t.log 2>&1 \
+	    || { tail -40 fuzz/logs/$$t.log; echo "fuzz: $$t failed; its input is in fuzz/artifacts/$$t/"; exit 1; }; \
+	  echo "fuzz $$t: $$(grep -o 'Done [0-9]* runs in [0-9]* second' fuzz/logs/$$t.log), no failure"; \
+	done
+
+# Soak (not part of `make test`): SOAK_SECONDS of mixed traffic with aborts and
+# faults through Envoy and the emulator (tools/soak.py); bench/README-reliability.md.
+SOAK_SECONDS ?= 600
+soak: wasm emulator venv
+	$(PY) tools/soak.py --seconds $(SOAK_SECONDS) --report bench/results/soak.json
