@@ -107,3 +107,13 @@ fuzz: venv
 SOAK_SECONDS ?= 600
 soak: wasm emulator venv
 	$(PY) tools/soak.py --seconds $(SOAK_SECONDS) --report bench/results/soak.json
+
+# TTFT under bursty traces: vanilla, static and dynamic through Envoy + the
+# filter + the emulated EPD cluster, peaks 4/5/7/10 req/s (tools/bench);
+# writes bench/results/emulated/. Extra flags: make bench BENCH_ARGS="...".
+BENCH_ARGS ?=
+.PHONY: bench
+bench: wasm emulator venv testdata
+	@test -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || apt-get install -y -qq fonts-dejavu-core || { apt-get update -qq && apt-get install -y -qq fonts-dejavu-core; }
+	cargo build --release -p vlm-bench
+	target/release/vlm-bench bench $(BENCH_ARGS)
