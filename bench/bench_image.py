@@ -268,7 +268,7 @@ class EnvoyProc:
 
 def envoy_version() -> str:
     out = subprocess.run([harness.envoy_binary(), "--version"], capture_output=True, text=True).stdout
-    m = re.search(r"version: \S+/(\S+?)/", out)
+    m = re.search(r"version: [0-9a-f]+/([^/]+)/", out)
     return m.group(1) if m else out.strip()
 
 
@@ -486,6 +486,7 @@ def main() -> int:
     args = ap.parse_args()
 
     started = time.time()
+    load_before = os.getloadavg()
     cases = [Case(p, "real") for p in real_images()] + [Case(p, "generated") for p in generated_images()]
     if args.images:
         keep = set(args.images.split(","))
@@ -517,6 +518,15 @@ def main() -> int:
             for case in cases:
                 run_round(case, native, upstream, filtered_url, plain_url, args.quality, timed=True)
         rows = [summarize(c) for c in cases]
+        jpegs = [str(c.path) for c in cases if c.fmt == "JPEG"]
+        if jpegs:
+            out = subprocess.run([str(args.native), "--reps", "1", "--check-scaled", "--quality", str(args.quality),
+                                  "--budget", str(args.budget), *jpegs], capture_output=True, text=True,
+                                 check=True).stdout
+            scaled = {Path(r["file"]).name: r.get("psnr_scaled_vs_full_db") for r in map(json.loads, out.splitlines())}
+            for row in rows:
+                if row["image"] in scaled:
+                    row["psnr_scaled_vs_full_db"] = scaled[row["image"]]
 
         rounds = 5
         print(f"text-only overhead: wrk, 1 connection, {rounds} alternating runs of "
@@ -583,6 +593,7 @@ def main() -> int:
                       "native_core_us": core_text["text_only_median_us"]},
         "soak": soak,
         "seconds": time.time() - started,
+        "load_average": {"start": load_before, "end": os.getloadavg()},
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "image.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -607,7 +618,9 @@ def markdown(r: dict) -> str:
     lines = [
         f"Job: {r['job']}. JPEG out at quality {r['quality']}, 4:2:0; PNG out with each library's default "
         f"deflate. Every program makes the same output size. Median of {r['reps']} interleaved rounds, in ms.",
-        f"Machine: {m['cpus']} CPUs ({m['cpu']}), shared with other work, so noisy. Envoy {m['envoy']} "
+        f"Machine: {m['cpus']} CPUs ({m['cpu']}), shared with other work, so noisy (1-min load average "
+        f"{r['load_average']['start'][0]:.1f} at the start, {r['load_average']['end'][0]:.1f} at the end). "
+        f"Envoy {m['envoy']} "
         f"(V8, one worker), Python {m['python']}, Pillow {m['pillow']}, pyvips {m['pyvips']} "
         f"(libvips {m['libvips']}, {m['libvips_threads']} threads). Command: `{r['command']}`.",
         "",
@@ -652,6 +665,10 @@ def markdown(r: dict) -> str:
                 f"| {gmean([x['v8_request_extra_ms'] / x['pyvips_ms'] for x in xs]):.2f} "
                 f"| {gmean([x['out_bytes']['filter'] / x['out_bytes']['pillow'] for x in xs]):.2f} "
                 f"| {gmean([x['out_bytes']['filter'] / x['out_bytes']['pyvips'] for x in xs]):.2f} |")
+    checked = [(x["image"], x["psnr_scaled_vs_full_db"]) for x in r["images"] if x.get("psnr_scaled_vs_full_db")]
+    if checked:
+        lines += ["", "JPEG fast path (DCT-scaled decode, then resize) against decoding at full size and resizing, "
+                      "same output size, native: PSNR " + ", ".join(f"{n} {db:.1f} dB" for n, db in checked) + "."]
     t = r["text_only"]
     pr = t["paired"]
     runs = ", ".join(f"{a['p50_us']:.0f}/{b['p50_us']:.0f}"

@@ -15,7 +15,9 @@
 //! ```
 //!
 //! With `--text-only N` it first times N runs of a chat request without
-//! images (the filter's cost on text traffic).
+//! images (the filter's cost on text traffic). With `--check-scaled` it also
+//! reports, for JPEGs, the PSNR of the DCT-scaled decode + resize against a
+//! full-size decode + resize of the same picture.
 //!
 //! Prints one JSON object per file on stdout. With `--serve` it then reads
 //! file paths from stdin, one a line, and answers each the same way (so a
@@ -31,8 +33,8 @@ use vlm_budget::core::base64buf::{Base64Payload, ENCODER};
 use vlm_budget::core::config::Config;
 use vlm_budget::core::pipeline::{process, ImageAction, RequestContext};
 use vlm_budget::core::policy::from_config;
-use vlm_budget::core::probe::probe;
-use vlm_budget::core::transcode::{decode_scaled, encode, resize};
+use vlm_budget::core::probe::{probe, ImageFormat};
+use vlm_budget::core::transcode::{decode, decode_scaled, encode, resize};
 
 /// Counts live heap bytes and their high-water mark.
 struct Counting;
@@ -99,6 +101,7 @@ struct Args {
     stages: bool,
     serve: bool,
     text_only: usize,
+    check_scaled: bool,
     out_dir: Option<PathBuf>,
     files: Vec<PathBuf>,
 }
@@ -111,6 +114,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
         stages: false,
         serve: false,
         text_only: 0,
+        check_scaled: false,
         out_dir: None,
         files: Vec::new(),
     };
@@ -124,6 +128,7 @@ fn parse_args() -> Result<Args, Box<dyn Error>> {
             "--stages" => a.stages = true,
             "--serve" => a.serve = true,
             "--text-only" => a.text_only = value("--text-only")?.parse()?,
+            "--check-scaled" => a.check_scaled = true,
             "--out-dir" => a.out_dir = Some(value("--out-dir")?.into()),
             "-h" | "--help" => {
                 println!(
@@ -238,7 +243,40 @@ fn bench_file(path: &Path, args: &Args, cfg: &Config) -> Result<serde_json::Valu
     if args.stages && resized {
         row["stages_ms"] = stages(&body, &image, to, args, cfg)?;
     }
+    if args.check_scaled && resized && header.format == ImageFormat::Jpeg {
+        row["psnr_scaled_vs_full_db"] = scaled_vs_full_psnr(&image, to, cfg)?.into();
+    }
     Ok(row)
+}
+
+/// PSNR, in dB over every sample, of the fast path (DCT-scaled decode, then
+/// resize) against decoding at full size and resizing.
+fn scaled_vs_full_psnr(
+    image: &[u8],
+    to: vlm_budget::core::sizing::Dims,
+    cfg: &Config,
+) -> Result<f64, Box<dyn Error>> {
+    let opts = cfg.transcode_options();
+    let header = probe(image).map_err(|e| e.to_string())?;
+    let scaled = decode_scaled(image, &header, Some(to), opts.max_pixels).map_err(|e| e.to_string())?;
+    let fast = resize(scaled, to, opts.filter).map_err(|e| e.to_string())?;
+    let full = decode(image, &header, None, opts.max_pixels).map_err(|e| e.to_string())?;
+    let reference = resize(full, to, opts.filter).map_err(|e| e.to_string())?;
+    if fast.data.len() != reference.data.len() || fast.data.is_empty() {
+        return Err("fast and reference paths differ in size".into());
+    }
+    let se: f64 = fast
+        .data
+        .iter()
+        .zip(&reference.data)
+        .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+        .sum();
+    let mse = se / fast.data.len() as f64;
+    Ok(if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0 * 255.0 / mse).log10()
+    })
 }
 
 /// Median time of each stage of the job, run one after the other.
