@@ -159,7 +159,28 @@ impl SizingRule {
             }
         }
         // Below the backend's min_pixels the backend would upscale: go to the
-        // smallest fixed point instead (only when the budget is below it).
+        // smallest fixed point instead.
+        if d.pixels() < self.min_pixels {
+            d = self.grow_to_min_pixels(d, width, height);
+        }
+        Ok(Some(d))
+    }
+}
+
+impl SizingRule {
+    /// The fewest-pixel size of at least `min_pixels` within the aspect
+    /// limit (ties: the aspect nearest the original's): within the
+    /// original's sides when one exists, else past them (the original is
+    /// then itself below the backend's minimum).
+    fn grow_to_min_pixels(&self, mut d: Dims, width: u32, height: u32) -> Dims {
+        let f = self.factor();
+        let floor_side = |side: u32| (side / f).max(1) * f;
+        if let Some(best) = self
+            .fewest_pixels(width, height, floor_side(width), floor_side(height))
+            .or_else(|| self.fewest_pixels(width, height, u32::MAX, u32::MAX))
+        {
+            return best;
+        }
         while d.pixels() < self.min_pixels {
             if d.width <= d.height {
                 d.width += f;
@@ -167,7 +188,37 @@ impl SizingRule {
                 d.height += f;
             }
         }
-        Ok(Some(d))
+        d
+    }
+
+    fn fewest_pixels(&self, width: u32, height: u32, max_w: u32, max_h: u32) -> Option<Dims> {
+        let f = self.factor();
+        let aspect = (f64::from(width) / f64::from(height)).ln();
+        let off = |d: Dims| ((f64::from(d.width) / f64::from(d.height)).ln() - aspect).abs();
+        let ratio_ok =
+            |d: Dims| f64::from(d.width.max(d.height)) / f64::from(d.width.min(d.height)) <= MAX_ASPECT_RATIO;
+        let mut best: Option<Dims> = None;
+        let mut w = f;
+        // Bounded: the backend's minimum is a few tokens (4 for Qwen); a
+        // configuration with a huge one takes the square-ish fallback.
+        for _ in 0..4096 {
+            if w > max_w {
+                break;
+            }
+            // The shortest height at this width, a multiple of the factor.
+            let need = self.min_pixels.div_ceil(u64::from(w)).div_ceil(u64::from(f)) * u64::from(f);
+            let h = u32::try_from(need).unwrap_or(u32::MAX).max(f);
+            let c = Dims::new(w, h);
+            let better = best.is_none_or(|b| (c.pixels(), off(c)) < (b.pixels(), off(b)));
+            if h <= max_h && ratio_ok(c) && better {
+                best = Some(c);
+            }
+            if h == f {
+                break; // any wider only adds pixels
+            }
+            w = w.saturating_add(f);
+        }
+        best
     }
 }
 
@@ -344,6 +395,34 @@ mod tests {
                         );
                     }
                     Err(e) => panic!("{w}x{h}: {e}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fit_to_budget_small_images_and_budgets() {
+        // Found by the pipeline fuzzer: 150x51 at 4 tokens went to 84x56
+        // (6 tokens, taller than the original) instead of 112x28.
+        assert_eq!(Q.fit_to_budget(150, 51, 4), Ok(Some(Dims::new(112, 28))));
+        for w in (28..=400).step_by(7) {
+            for h in (28..=400).step_by(11) {
+                let before = Q.tokens(w, h).unwrap_or(0);
+                for budget in 4..=12 {
+                    let Ok(Some(d)) = Q.fit_to_budget(w, h, budget) else {
+                        continue;
+                    };
+                    assert!(Q.is_fixed_point(d), "{w}x{h} b={budget} -> {d:?}");
+                    assert!(
+                        Q.tokens_of(d) <= budget && Q.tokens_of(d) < before,
+                        "{w}x{h} b={budget} -> {d:?}"
+                    );
+                    if (w / 28 * 28) * (h / 28 * 28) >= 3136 {
+                        assert!(
+                            d.width <= w && d.height <= h,
+                            "upscaled {w}x{h} b={budget} -> {d:?}"
+                        );
+                    }
                 }
             }
         }
