@@ -473,7 +473,8 @@ def summarize(case: Case) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--native", type=Path, required=True, help="the bench_image example binary")
+    ap.add_argument("--native", type=Path, help="the bench_image example binary")
+    ap.add_argument("--render", type=Path, help="only rewrite image.md from this image.json")
     ap.add_argument("--wasm", type=Path, default=harness.WASM)
     ap.add_argument("--null-wasm", type=Path, help="a filter that only buffers the body (bench/null-filter)")
     ap.add_argument("--reps", type=int, default=5)
@@ -484,6 +485,13 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results")
     ap.add_argument("--images", default="", help="comma-separated file names to keep (default: all)")
     args = ap.parse_args()
+    if args.render:
+        md = markdown(json.loads(args.render.read_text()))
+        (args.out / "image.md").write_text(md)
+        print(md)
+        return 0
+    if args.native is None:
+        ap.error("--native is required")
 
     started = time.time()
     load_before = os.getloadavg()
@@ -694,11 +702,11 @@ def markdown(r: dict) -> str:
     if s:
         first = r["vm_memory_first_pass"]
         lines += ["", f"VM linear memory (`wasmcustom.vlm_budget_vm_memory_bytes`, one worker VM): "
-                      f"{first[0][1] / 2**20:.0f} MiB after the first image, {first[-1][1] / 2**20:.0f} MiB after "
+                      f"{first[0][1] / 2**20:.1f} MiB after the first image, {first[-1][1] / 2**20:.1f} MiB after "
                       f"one pass over all {len(first)}. Soak: {s['requests']} more large-image requests "
                       f"({s['distinct_bodies']} bodies in turn, 2 clients) in {s['seconds']:.0f} s: sampled every 50, "
-                      f"{s['vm_memory_first_sample'] / 2**20:.0f} MiB at the first sample, "
-                      f"max {s['vm_memory_max'] / 2**20:.0f} MiB, {s['vm_memory_last'] / 2**20:.0f} MiB at the end."]
+                      f"{s['vm_memory_first_sample'] / 2**20:.1f} MiB at the first sample, "
+                      f"max {s['vm_memory_max'] / 2**20:.1f} MiB, {s['vm_memory_last'] / 2**20:.1f} MiB at the end."]
     return "\n".join(lines) + "\n"
 
 
