@@ -2,13 +2,13 @@
 //! forward, with every traffic counter the request raises released on
 //! every path (answer, error, timeout, client reset) by `on_done`.
 
-use super::host::{Counter, EncodeCall, HttpHost, Services};
+use super::host::{Counter, EncodeCall, GaugeSet, HttpHost, Services};
 use crate::core::config::Config;
 use crate::core::dynamic::DynamicParams;
 use crate::core::encode::{encode_requests, EncodeFailure};
 use crate::core::error::FilterError;
 use crate::core::pipeline::{process, ImageAction, Outcome, RequestContext};
-use crate::core::policy::{self, BudgetPolicy};
+use crate::core::policy::{self, BudgetPolicy, PolicyKind};
 use crate::core::traffic::{TrafficSnapshot, TrafficState};
 use std::rc::Rc;
 
@@ -141,7 +141,9 @@ impl RequestFilter {
         svc.add(Counter::Requests, 1);
         // The body may change length: let Envoy frame it (chunked / h2 data).
         host.remove_request_header("content-length");
-        self.slo_ms = host.request_header(HEADER_SLO).map(|h| cfg.slo_for(Some(&h)));
+        if cfg.policy == PolicyKind::Dynamic {
+            self.slo_ms = host.request_header(HEADER_SLO).map(|h| cfg.slo_for(Some(&h)));
+        }
         if cfg.encode_cluster.is_some() {
             // Encode and PD calls share the id; headers can only change now.
             let id = match host.request_header(REQUEST_ID) {
@@ -206,7 +208,7 @@ impl RequestFilter {
         if images > 0 {
             let window = cfg.rate_window_s;
             let state = svc.update(&mut |s| s.record_arrival(now, images, tokens, window));
-            svc.publish(&state);
+            svc.publish(&state, GaugeSet::RATES);
         }
         match (&cfg.encode_cluster, images > 0) {
             (Some(_), true) => self.start_encoding(host, svc, &final_body, report, tokens, &ctx.traffic),
@@ -220,7 +222,7 @@ impl RequestFilter {
         if !self.held.pd {
             self.held.pd = true;
             let state = svc.update(&mut |s| s.pd_inflight += 1);
-            svc.publish(&state);
+            svc.publish(&state, GaugeSet::PD);
         }
         Verdict::Continue
     }
@@ -245,7 +247,7 @@ impl RequestFilter {
         let work_us = (work_ms * 1000.0) as i64;
         self.held.encode_work_us = work_us;
         let state = svc.update(&mut |s| s.encode_outstanding_us += work_us);
-        svc.publish(&state);
+        svc.publish(&state, GaugeSet::ENCODE);
         let mut enc = Encoding {
             report,
             bodies,
@@ -291,7 +293,7 @@ impl RequestFilter {
                 enc.pending.push((token, index, attempt));
                 self.held.encode_calls += 1;
                 let state = svc.update(&mut |s| s.encode_inflight += 1);
-                svc.publish(&state);
+                svc.publish(&state, GaugeSet::ENCODE);
             }
             Err(e) => {
                 log::warn!("vlm-budget: encode dispatch to {cluster} refused: {e}");
@@ -319,7 +321,7 @@ impl RequestFilter {
         let (_, index, attempt) = enc.pending.swap_remove(pos);
         self.held.encode_calls -= 1;
         let state = svc.update(&mut |s| s.encode_inflight -= 1);
-        svc.publish(&state);
+        svc.publish(&state, GaugeSet::ENCODE);
         if !status.is_some_and(|s| (200..300).contains(&s)) {
             let why = status.map_or_else(|| "call failed".to_string(), |s| format!("HTTP {s}"));
             if attempt < self.shared.config.encode_retries {
@@ -361,7 +363,7 @@ impl RequestFilter {
                 s.calibrate(observed, enc.predicted_ms, alpha, min, max);
             }
         });
-        svc.publish(&state);
+        svc.publish(&state, GaugeSet::ENCODE.with(GaugeSet::CALIBRATION));
         let mut report = enc.report;
         let outcome = if enc.failed.is_empty() {
             "ok"
@@ -407,7 +409,7 @@ impl RequestFilter {
             s.encode_outstanding_us -= held.encode_work_us;
             s.pd_inflight -= i64::from(held.pd);
         });
-        svc.publish(&state);
+        svc.publish(&state, GaugeSet::PD.with(GaugeSet::ENCODE));
     }
 
     fn fail(&mut self, host: &mut dyn HttpHost, svc: &dyn Services, err: FilterError) -> Verdict {
@@ -482,7 +484,6 @@ fn report_of(o: &Outcome) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::policy::PolicyKind;
     use crate::filter::host::{Metrics, Traffic};
     use std::cell::RefCell;
     use std::collections::HashMap;
@@ -565,7 +566,7 @@ mod tests {
     }
 
     impl Services for FakeMetrics {
-        fn publish(&self, _state: &TrafficState) {}
+        fn publish(&self, _state: &TrafficState, _changed: GaugeSet) {}
     }
 
     impl Metrics for FakeMetrics {

@@ -122,8 +122,30 @@ pub trait Traffic {
     fn update(&self, op: &mut dyn FnMut(&mut TrafficState)) -> TrafficState;
 }
 
+/// Which gauges of the shared traffic state an update changed (each gauge
+/// is a host call: only the changed ones are published per request; the
+/// root context's tick republishes them all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GaugeSet(u8);
+
+impl GaugeSet {
+    pub const PD: Self = Self(1);
+    pub const ENCODE: Self = Self(2);
+    pub const RATES: Self = Self(4);
+    pub const CALIBRATION: Self = Self(8);
+    pub const ALL: Self = Self(15);
+
+    pub const fn with(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+
+    pub const fn contains(self, other: Self) -> bool {
+        self.0 & other.0 == other.0
+    }
+}
+
 /// Everything a request's filter reports to or reads from its VM.
 pub trait Services: Metrics + Traffic {
-    /// Publishes gauges of the shared state (in flight, calibration).
-    fn publish(&self, state: &TrafficState);
+    /// Publishes the `changed` gauges of the shared state.
+    fn publish(&self, state: &TrafficState, changed: GaugeSet);
 }

@@ -4,7 +4,7 @@ use super::metrics::HostMetrics;
 use super::{now_micros, shared, warn_err};
 use crate::core::traffic::{ClusterSignal, TrafficState};
 use crate::filter::{
-    Counter, EncodeCall, HttpHost, Metrics, RequestFilter, Services, Shared, Traffic, Verdict,
+    Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestFilter, Services, Shared, Traffic, Verdict,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -47,8 +47,8 @@ impl Traffic for VmServices {
 }
 
 impl Services for VmServices {
-    fn publish(&self, state: &TrafficState) {
-        self.metrics.publish(state, now_micros(), self.window_s);
+    fn publish(&self, state: &TrafficState, changed: GaugeSet) {
+        self.metrics.publish(state, changed, now_micros(), self.window_s);
     }
 }
 
@@ -105,9 +105,12 @@ impl HttpContext for Http {
             .filter
             .on_request_body(&mut self.host, services, body_size, end_of_stream);
         if end_of_stream {
-            if let Some(id) = services.metrics.memory {
-                let pages = core::arch::wasm32::memory_size(0) as u64;
-                let _ = hostcalls::record_metric(id, pages * 65_536);
+            // Linear memory only grows: report it when it has.
+            let pages = core::arch::wasm32::memory_size(0) as u64;
+            if pages != MEMORY_PAGES.with(|m| m.replace(pages)) {
+                if let Some(id) = services.metrics.memory {
+                    let _ = hostcalls::record_metric(id, pages * 65_536);
+                }
             }
         }
         action(verdict)
@@ -130,6 +133,8 @@ struct ProxyHost {
 thread_local! {
     /// Per-VM sequence for generated request ids.
     static ID_SEQ: Cell<u64> = const { Cell::new(0) };
+    /// This VM's linear memory (pages) when last reported.
+    static MEMORY_PAGES: Cell<u64> = const { Cell::new(0) };
 }
 
 impl HttpHost for ProxyHost {

@@ -3,7 +3,7 @@
 use crate::core::error::FilterError;
 use crate::core::traffic::TrafficState;
 use crate::filter::host::{error_metric_name, ENCODE_HISTOGRAM, TRANSCODE_HISTOGRAM, VM_MEMORY_GAUGE};
-use crate::filter::{Counter, Metrics};
+use crate::filter::{Counter, GaugeSet, Metrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
 use std::collections::HashMap;
@@ -109,15 +109,23 @@ impl HostMetrics {
         Self::increment(self.named.get(name), 1);
     }
 
-    /// Publishes the shared traffic state as gauges.
-    pub fn publish(&self, s: &TrafficState, now_us: u64, window_s: f64) {
-        let (requests, _, tokens) = s.rates_at(now_us, window_s);
-        self.set(GAUGE_ENCODE_INFLIGHT, s.encode_inflight as f64);
-        self.set(GAUGE_PD_INFLIGHT, s.pd_inflight as f64);
-        self.set(GAUGE_OUTSTANDING_MS, s.encode_outstanding_us as f64 / 1000.0);
-        self.set(GAUGE_CALIBRATION, s.calibration * 1000.0);
-        self.set(GAUGE_REQUEST_RATE, requests * 1000.0);
-        self.set(GAUGE_TOKEN_RATE, tokens);
+    /// Publishes the `changed` gauges of the shared traffic state.
+    pub fn publish(&self, s: &TrafficState, changed: GaugeSet, now_us: u64, window_s: f64) {
+        if changed.contains(GaugeSet::PD) {
+            self.set(GAUGE_PD_INFLIGHT, s.pd_inflight as f64);
+        }
+        if changed.contains(GaugeSet::ENCODE) {
+            self.set(GAUGE_ENCODE_INFLIGHT, s.encode_inflight as f64);
+            self.set(GAUGE_OUTSTANDING_MS, s.encode_outstanding_us as f64 / 1000.0);
+        }
+        if changed.contains(GaugeSet::CALIBRATION) {
+            self.set(GAUGE_CALIBRATION, s.calibration * 1000.0);
+        }
+        if changed.contains(GaugeSet::RATES) {
+            let (requests, _, tokens) = s.rates_at(now_us, window_s);
+            self.set(GAUGE_REQUEST_RATE, requests * 1000.0);
+            self.set(GAUGE_TOKEN_RATE, tokens);
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use super::{now_micros, shared};
 use crate::core::config::Config;
 use crate::core::prometheus::sum_of;
 use crate::core::traffic::{ClusterSignal, TrafficState};
-use crate::filter::Shared;
+use crate::filter::{GaugeSet, Shared};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{BufferType, ContextType, MapType};
@@ -169,7 +169,7 @@ impl RootContext for Root {
         let fresh = shared::cluster().is_some_and(|c| c.fresh(now, cfg.metrics_stale_ms));
         if let Some(m) = &self.metrics {
             m.set(GAUGE_CLUSTER_FRESH, if fresh { 1.0 } else { 0.0 });
-            m.publish(&shared::traffic(), now, cfg.rate_window_s);
+            m.publish(&shared::traffic(), GaugeSet::ALL, now, cfg.rate_window_s);
         }
         self.poll_metrics(cfg, now);
     }
