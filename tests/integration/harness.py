@@ -6,12 +6,12 @@ import base64
 import copy
 import io
 import json
-import math
 import os
 import pathlib
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -46,20 +46,16 @@ FACTOR = 28
 MIN_PIXELS = 3136
 MAX_PIXELS = 12845056
 
+sys.path.insert(0, str(ROOT / "tools"))
+from gen_sizing_reference import smart_resize as _reference_rule  # noqa: E402
+
 
 def smart_resize(height, width, factor=FACTOR, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS):
-    """Reference rule (transformers' Qwen2-VL image processor)."""
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    """The reference rule (transformers' Qwen2-VL image processor, in Python)."""
+    out = _reference_rule(height, width, factor, min_pixels, max_pixels)
+    if out is None:
+        raise ValueError(f"{width}x{height} is rejected by the Qwen rule")
+    return out
 
 
 def tokens(width, height, **kw):
