@@ -180,7 +180,7 @@ class Workload:
             return kind, self.body(urls), 3, None, False
         if kind == "stream":
             urls = [rng.choice(self.small + self.large)]
-            return kind, self.body(urls, stream=True, max_tokens=rng.randrange(24, 64)), 1, None, True
+            return kind, self.body(urls, stream=True, max_tokens=rng.randrange(64, 256)), 1, None, True
         if kind == "remote":
             return kind, self.body(["http://127.0.0.1:9/never-fetched.png"]), 0, None, False
         body, code = rng.choice(self.bad)
@@ -198,8 +198,9 @@ class Response:
         self.complete = False
 
 
-def read_response(f, stop_after_events: int | None = None) -> Response:
-    """Reads one HTTP/1.1 response; `complete` tells whether it ended as framed."""
+def read_response(f, stop_after_events: int | None = None, on_headers=None) -> Response:
+    """Reads one HTTP/1.1 response; `complete` tells whether it ended as framed.
+    `on_headers()` is called once the status line and headers are in."""
     r = Response()
     line = f.readline()
     if not line:
@@ -213,6 +214,8 @@ def read_response(f, stop_after_events: int | None = None) -> Response:
             break
         k, _, v = line.decode("latin-1").partition(":")
         r.headers[k.strip().lower()] = v.strip()
+    if on_headers:
+        on_headers()
     if r.headers.get("transfer-encoding", "").lower() == "chunked":
         out = bytearray()
         while True:
@@ -278,6 +281,7 @@ class Stats:
         self.ids: dict[str, tuple[str, int, bool]] = {}  # request id -> (kind, images, aborted)
         self.in_fault_window = lambda t: False
         self.streams_inflight = 0
+        self.streams_started = 0  # streams whose response headers came: PD is sending
 
     def record(self, rid, kind, outcome, at, detail="", abort=None):
         with self.lock:
@@ -320,15 +324,23 @@ def client_loop(n: int, port: int, wl: Workload, stats: Stats, deadline: float, 
                     stats.record(rid, kind, "aborted", start, abort="wait")
                     continue
                 f = s.makefile("rb")
+                started = []
+
+                def on_headers():
+                    if streamed:
+                        with stats.lock:
+                            stats.streams_started += 1
+                        started.append(1)
+
                 if streamed:
                     with stats.lock:
                         stats.streams_inflight += 1
                 try:
-                    r = read_response(f, stop_after_events=2 if abort == "stream" else None)
+                    r = read_response(f, stop_after_events=2 if abort == "stream" else None, on_headers=on_headers)
                 finally:
-                    if streamed:
-                        with stats.lock:
-                            stats.streams_inflight -= 1
+                    with stats.lock:
+                        stats.streams_inflight -= int(streamed)
+                        stats.streams_started -= len(started)
                 if abort == "stream" and r.status == 200:
                     stats.record(rid, kind, "aborted", start, abort="stream")
                     continue
@@ -494,15 +506,31 @@ def main(argv=None) -> int:
                     encode.start()
                     event("encoder_restarted")
                 elif fault == "pd_kill_mid_stream":
-                    until = now() + 5
-                    while stats.streams_inflight == 0 and now() < until:
-                        time.sleep(0.01)
-                    inflight = stats.streams_inflight
                     pd.collect_log()
+                    # A long stream of our own: PD is killed once its first events are in.
+                    probe = socket.create_connection(("127.0.0.1", listen), timeout=CLIENT_TIMEOUT_S)
+                    body = wl.body([wl.small[0]], stream=True, max_tokens=512)
+                    with stats.lock:
+                        stats.ids["soak-probe"] = ("stream", 1, True)
+                    probe.sendall(("POST /v1/chat/completions HTTP/1.1\r\nhost: vlm\r\ncontent-type: "
+                                   f"application/json\r\nx-request-id: soak-probe\r\ncontent-length: {len(body)}"
+                                   "\r\n\r\n").encode() + body)
+                    pf = probe.makefile("rb")
+                    first = read_response(pf, stop_after_events=1)
+                    inflight, sending = stats.streams_inflight, stats.streams_started
                     window = [now(), float("inf")]
                     windows.append(window)
                     pd.kill()
-                    event(fault, streams_in_flight=inflight)
+                    rest = b""
+                    try:
+                        while chunk := pf.read1(65536):
+                            rest += chunk
+                    except OSError:
+                        pass
+                    probe.close()
+                    probe_cut = first.status == 200 and not first.complete and not rest.endswith(b"0\r\n\r\n")
+                    event(fault, streams_in_flight=inflight + 1, streams_sending=sending + 1,
+                          probe_stream_cut=probe_cut)
                     time.sleep(max(2.0, s * 0.01))
                     pd.start()
                     window[1] = now()
@@ -545,6 +573,7 @@ def main(argv=None) -> int:
             "no_unreadable_body_at_backends": backend["problem_count"] == 0,
             "downstream_drained": final.get("http.vlm_ingress.downstream_rq_active", -1) == 0,
             "envoy_alive": env.proc.poll() is None and "panicked" not in env.log_text(),
+            "pd_killed_mid_stream": all(e.get("probe_stream_cut") for e in events if e["fault"] == "pd_kill_mid_stream"),
         }
         total = sum(stats.outcomes.values())
         report = {
