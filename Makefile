@@ -45,7 +45,7 @@ lint: toolchain
 integration: wasm emulator venv testdata
 	$(PYTEST) tests/integration
 
-test: unit lint integration validate-deploy
+test: unit lint integration validate-deploy gpu-test
 
 # Deploy (deploy/): the module image, and every manifest and Envoy config
 # checked (schemas, kustomize, envoy --mode validate; tests/deploy).
@@ -117,3 +117,17 @@ bench: wasm emulator venv testdata
 	@test -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf || apt-get install -y -qq fonts-dejavu-core || { apt-get update -qq && apt-get install -y -qq fonts-dejavu-core; }
 	cargo build --release -p vlm-bench
 	target/release/vlm-bench bench $(BENCH_ARGS)
+
+# The GPU backend (gpu/): its CPU tests with the tiny configuration, in their own virtualenv
+# (torch and transformers, pinned in gpu/requirements-cpu.txt). See gpu/README.md.
+VENV_GPU := .venv-gpu
+
+.PHONY: gpu-venv gpu-test
+gpu-venv: $(VENV_GPU)/.stamp
+$(VENV_GPU)/.stamp: gpu/requirements-cpu.txt
+	python3 -m venv $(VENV_GPU)
+	$(VENV_GPU)/bin/pip install -q --disable-pip-version-check -r gpu/requirements-cpu.txt
+	touch $@
+
+gpu-test: gpu-venv
+	cd gpu && OMP_NUM_THREADS=1 ../$(VENV_GPU)/bin/python -m pytest -q -p no:cacheprovider tests
