@@ -13,8 +13,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
 import socket
 import struct
 import subprocess
