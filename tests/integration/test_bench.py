@@ -120,6 +120,9 @@ def test_bench_smoke_all_policies(vlm_bench, wasm, tmp_path):
     assert results["backends"]["emulated"] is True
     trace = (out / "traces/peak-4.jsonl").read_text().splitlines()
     assert len(trace) >= 3
+    # The written trace replays as it is: its image paths resolve from its folder.
+    summary = json.loads(run([vlm_bench, "trace", "--check", str(out / "traces/peak-4.jsonl")]).stdout)
+    assert summary["requests"] == summary["images"] == len(trace)
     runs = {r["policy"]: r for r in results["runs"]}
     assert set(runs) == {"vanilla", "static", "dynamic"}
     images = set()

@@ -15,7 +15,7 @@ use crate::rng::{derive, Rng};
 use crate::trace::{self, Shape, Trace};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 /// Where the backends come from.
@@ -274,6 +274,27 @@ async fn start_envoy(o: &BenchOptions, b: &Backend, plugin: &Value, tag: &str) -
     Ok((p, Url::parse(&format!("http://127.0.0.1:{listen}"))?))
 }
 
+/// `path` relative to the folder `base` (both made absolute); `path` itself
+/// when that is not possible.
+pub fn relative_to(path: &Path, base: &Path) -> PathBuf {
+    let (Ok(p), Ok(b)) = (std::path::absolute(path), std::path::absolute(base)) else {
+        return path.to_path_buf();
+    };
+    let (pc, bc): (Vec<_>, Vec<_>) = (p.components().collect(), b.components().collect());
+    let common = pc.iter().zip(&bc).take_while(|(x, y)| x == y).count();
+    if common == 0 {
+        return path.to_path_buf();
+    }
+    let mut out = PathBuf::new();
+    for _ in common..bc.len() {
+        out.push("..");
+    }
+    for c in &pc[common..] {
+        out.push(c);
+    }
+    out
+}
+
 fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -324,22 +345,32 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
     let trace_dir = o.out.join("traces");
     std::fs::create_dir_all(&trace_dir).map_err(|e| BenchError::io(&trace_dir, e))?;
     let mut setup: BTreeMap<String, Value> = BTreeMap::new();
+    let mut described = Vec::new();
     for t in &traces {
-        trace::write_jsonl(&trace_dir.join(format!("{}.jsonl", t.name)), &t.requests)?;
+        // Image paths relative to the trace file, as `trace::read_jsonl` resolves them.
+        let portable: Vec<trace::TraceRequest> = t
+            .requests
+            .iter()
+            .map(|r| trace::TraceRequest {
+                images: r.images.iter().map(|p| relative_to(p, &trace_dir)).collect(),
+                ..r.clone()
+            })
+            .collect();
+        trace::write_jsonl(&trace_dir.join(format!("{}.jsonl", t.name)), &portable)?;
         let s = trace::summarise(&t.requests);
         let shape = t.shape.map_or_else(|| "user trace".to_string(), |s| s.describe());
-        setup.insert(
-            format!("trace {}", t.name),
-            json!(format!(
-                "{shape}; {} requests of one image each, {} output tokens max, last arrival {:.1} s, busiest second {} arrivals (traces/{}.jsonl)",
-                s.requests,
-                t.requests.first().map_or(0, |r| r.max_tokens),
-                s.duration_s,
-                s.peak_1s,
-                t.name
-            )),
-        );
+        described.push(json!(format!(
+            "{}: {shape}; {} requests, {} images, {} output tokens max, last arrival {:.1} s, busiest second {} arrivals (traces/{}.jsonl)",
+            t.name,
+            s.requests,
+            s.images,
+            t.requests.first().map_or(0, |r| r.max_tokens),
+            s.duration_s,
+            s.peak_1s,
+            t.name
+        )));
     }
+    setup.insert("traces".into(), Value::Array(described));
     if !image_info.is_null() {
         setup.insert("images".into(), image_info);
     }
@@ -364,9 +395,8 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
         BackendMode::Emulator { binary, args } => Backends {
             emulated: true,
             description: format!(
-                "`{} {}` (one process: an encode instance and a prefill/decode instance on 127.0.0.1, one emulated H100 each; restarted {})",
-                binary.display(),
-                args.join(" "),
+                "`{}` (one process: an encode instance and a prefill/decode instance on 127.0.0.1, one emulated H100 each; restarted {})",
+                std::iter::once(binary.display().to_string()).chain(args.iter().cloned()).collect::<Vec<_>>().join(" "),
                 if o.restart == Restart::PerRun { "before every run" } else { "before each policy" }
             ),
             encode_url: None,
@@ -490,4 +520,24 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
     );
     results.write(&results_path)?;
     report::write(&results, &o.out, None, &o.font)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_resolve_back() {
+        let base = Path::new("/repo/bench/results/x/traces");
+        let p = relative_to(Path::new("/repo/.cache/pool/img.jpg"), base);
+        assert_eq!(p, PathBuf::from("../../../../.cache/pool/img.jpg"));
+        assert_eq!(
+            relative_to(Path::new("/repo/bench/results/x/traces/a.jpg"), base),
+            PathBuf::from("a.jpg")
+        );
+        // A relative path is taken from the working directory, like the trace reader's base.
+        let cwd = std::env::current_dir().unwrap();
+        let r = relative_to(Path::new("img/a.jpg"), &cwd.join("out/traces"));
+        assert_eq!(r, PathBuf::from("../../img/a.jpg"));
+    }
 }

@@ -315,8 +315,18 @@ pub fn write(results: &Results, out: &Path, slo_ms: Option<f64>, font: &Path) ->
     let _ = writeln!(md, "- command: `{}`", results.command.join(" "));
     let _ = writeln!(md, "- TTFT SLO: {slo:.0} ms; percentiles over successful requests; SLO attainment over all requests (a failed request is a miss)");
     for (k, v) in &results.setup {
-        let v = v.as_str().map_or_else(|| v.to_string(), str::to_owned);
-        let _ = writeln!(md, "- {k}: {v}");
+        let text = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+        match v.as_array() {
+            Some(items) => {
+                let _ = writeln!(md, "- {k}:");
+                for item in items {
+                    let _ = writeln!(md, "  - {}", text(item));
+                }
+            }
+            None => {
+                let _ = writeln!(md, "- {k}: {}", text(v));
+            }
+        }
     }
     md.push_str("\n## Results\n\n");
     md.push_str(&table(&s, slo));

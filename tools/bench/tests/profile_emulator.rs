@@ -33,7 +33,7 @@ fn profile_recovers_the_emulator_latency_model() {
             model: "m".into(),
             // Small images keep the debug build quick; the release binary is
             // checked over the whole range by tests/integration/test_bench.py.
-            tokens: vec![1024, 1600, 2304, 3136, 4096],
+            tokens: vec![1024, 1600, 2304, 3136],
             prefill_tokens: vec![2048, 4096, 8192, 16384],
             reps: 2,
             warmup: 0,
