@@ -111,6 +111,11 @@ impl Curve {
     }
 
     /// The curve's points (after the monotone envelope).
+    /// The fixed per-call part of the curve (the fit's constant term), ms.
+    pub fn fixed_ms(&self) -> f64 {
+        self.fit.map_or(0.0, |q| q.a.max(0.0))
+    }
+
     pub fn points(&self) -> &[(f64, f64)] {
         &self.points
     }
