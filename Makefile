@@ -8,7 +8,7 @@ WASM     := target/wasm32-wasip1/release/vlm_budget.wasm
 TESTDATA := .cache/testdata/usr/share/backgrounds/rhythm.jpg
 PYTEST   := $(VENV)/bin/pytest -q -p no:cacheprovider
 
-.PHONY: help toolchain wasm emulator venv testdata unit lint integration test demo clean
+.PHONY: help toolchain wasm emulator venv testdata unit lint integration test demo stack clean
 
 help:
 	@echo "make demo   - build the filter and run Envoy + local backends, sending sample requests"
@@ -63,6 +63,10 @@ validate-deploy: oci venv $(VENV)/.deploy-stamp testdata
 
 demo: wasm emulator venv testdata
 	$(PY) tools/demo.py
+
+# The same stack, left running for other clients until Ctrl-C.
+stack: wasm emulator venv
+	$(PY) tools/stack.py
 
 clean:
 	cargo clean
