@@ -139,6 +139,18 @@ impl RequestFilter {
             return Verdict::Continue;
         }
         svc.add(Counter::Requests, 1);
+        // A declared length over the limit is refused before Envoy buffers it.
+        let declared = host
+            .request_header("content-length")
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if declared.is_some_and(|n| n > cfg.max_body_bytes) {
+            let limit = cfg.max_body_bytes;
+            if cfg.fail_open {
+                // Forwarded as sent, content-length included: nothing is rewritten.
+                return self.fail(host, svc, FilterError::BodyTooLarge { limit });
+            }
+            return self.reply_error(host, svc, FilterError::BodyTooLarge { limit });
+        }
         // The body may change length: let Envoy frame it (chunked / h2 data).
         host.remove_request_header("content-length");
         if cfg.policy == PolicyKind::Dynamic {
@@ -657,6 +669,38 @@ mod tests {
             .contains(&(HEADER_FAIL_OPEN.into(), "invalid_json".into())));
         assert_eq!(m.counts.borrow()["invalid_json"], 2);
         assert_eq!(m.counts.borrow()[Counter::FailOpen.name()], 1);
+    }
+
+    #[test]
+    fn declared_oversized_body_is_refused_at_the_headers() {
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", "");
+        h.req_headers.insert("content-length".into(), "101".into());
+        let mut f = filter(Config {
+            max_body_bytes: 100,
+            ..Config::default()
+        });
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(h.reply.as_ref().map(|r| r.0), Some(400));
+        assert_eq!(f.on_request_body(&mut h, &m, 101, true), Verdict::Continue);
+        assert_eq!(m.counts.borrow()["body_too_large"], 1);
+        // fail_open: forwarded as sent, length and all, and reported.
+        let mut h = host("POST", "/v1/chat/completions", "");
+        h.req_headers.insert("content-length".into(), "101".into());
+        let mut f = filter(Config {
+            max_body_bytes: 100,
+            fail_open: true,
+            ..Config::default()
+        });
+        assert_eq!(f.on_request_headers(&mut h, &m, false), Verdict::Continue);
+        assert!(h.reply.is_none() && h.req_headers.contains_key("content-length"));
+        assert_eq!(f.on_request_body(&mut h, &m, 101, true), Verdict::Continue);
+        f.on_response_headers(&mut h);
+        assert!(h
+            .resp_headers
+            .contains(&(HEADER_FAIL_OPEN.into(), "body_too_large".into())));
+        f.on_done(&m);
+        assert_eq!(m.state().pd_inflight, 0);
     }
 
     #[test]
