@@ -158,7 +158,8 @@ def render_config(plugin_config: dict | None, upstream_port: int, listen_port: i
 
 
 class Envoy:
-    def __init__(self, config: dict, workdir: pathlib.Path, admin_port: int, listen_port: int):
+    def __init__(self, config: dict, workdir: pathlib.Path, admin_port: int, listen_port: int,
+                 concurrency: int = 2, log_level: str = "warn", wasm_level: str = "info"):
         self.admin = f"http://127.0.0.1:{admin_port}"
         self.url = f"http://127.0.0.1:{listen_port}"
         self.config_path = workdir / f"envoy-{listen_port}.json"
@@ -166,8 +167,8 @@ class Envoy:
         self.log_path = workdir / f"envoy-{listen_port}.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [envoy_binary(), "-c", str(self.config_path), "--concurrency", "2",
-             "--base-id", str(listen_port), "--log-level", "warn", "--component-log-level", "wasm:info"],
+            [envoy_binary(), "-c", str(self.config_path), "--concurrency", str(concurrency),
+             "--base-id", str(listen_port), "--log-level", log_level, "--component-log-level", f"wasm:{wasm_level}"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout=30.0):

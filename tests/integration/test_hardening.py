@@ -445,20 +445,8 @@ def test_vm_never_reloaded_after_the_matrix(env):
 # ------------------------------------------- limits before allocation
 
 
-class CustomEnvoy(harness.Envoy):
-    """harness.Envoy with a chosen worker count and log levels."""
-
-    def __init__(self, config, workdir, admin_port, listen_port, concurrency=2, log_level="warn", wasm_level="info"):
-        self.admin = f"http://127.0.0.1:{admin_port}"
-        self.url = f"http://127.0.0.1:{listen_port}"
-        self.config_path = workdir / f"envoy-{listen_port}.json"
-        self.config_path.write_text(json.dumps(config))
-        self.log_path = workdir / f"envoy-{listen_port}.log"
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
-            [harness.envoy_binary(), "-c", str(self.config_path), "--concurrency", str(concurrency),
-             "--base-id", str(listen_port), "--log-level", log_level, "--component-log-level", f"wasm:{wasm_level}"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+# harness.Envoy takes the worker count and log levels these tests choose.
+CustomEnvoy = harness.Envoy
 
 
 @pytest.fixture
