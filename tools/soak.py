@@ -149,8 +149,8 @@ class Workload:
         self.rng = rng
         b64 = self.small[0].split(",", 1)[1]
         self.bad = [
-            (b'{"messages": [', "invalid_json"),
-            (b'{"messages": {"role": "user"}}', "invalid_request"),
+            (b'{"messages": [{"role": "user", "content": [{"type": "image_url"', "invalid_json"),
+            (b'{"messages": {"role": "user", "content": [{"type": "image_url"}]}}', "invalid_request"),
             (self.body([f"data:image/png;base64,{b64[:200]}!{b64[201:]}"]), "invalid_base64"),
             (self.body(["data:image/webp;base64,UklGRgAAAABXRUJQ"]), "unsupported_image_type"),
             (self.body([self.small[1]] * 65), "too_many_images"),

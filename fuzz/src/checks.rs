@@ -16,11 +16,12 @@ use vlm_budget::core::base64buf::{encode_into, Base64Error, Base64Payload, ENCOD
 use vlm_budget::core::config::Config;
 use vlm_budget::core::datauri::{self, ImageUrl};
 use vlm_budget::core::encode::{self as epd, EncodeFanout};
+use vlm_budget::core::json::Doc;
 use vlm_budget::core::pipeline::{process, ImageAction, Outcome, RequestContext};
 use vlm_budget::core::policy::{self, PolicyKind};
 use vlm_budget::core::probe::{probe, ImageFormat};
 use vlm_budget::core::prometheus::{samples, sum_of};
-use vlm_budget::core::request::{scan, splice, ChatRequest, RequestError};
+use vlm_budget::core::request::{may_have_images, scan, splice, ChatRequest, RequestError};
 use vlm_budget::core::sizing::Dims;
 use vlm_budget::core::traffic::{ClusterSignal, TrafficSnapshot, TrafficState};
 use vlm_budget::core::transcode::{self, Layout, Pixels, ResizeFilter};
@@ -110,7 +111,23 @@ fn le_u16(data: &[u8], at: usize) -> usize {
 /// `request::scan` agrees with serde_json; every span is the JSON string
 /// literal of its URL; `splice` with new URLs changes those and nothing else.
 pub fn request(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        let ours = Doc::parse(text).map(|(_, v)| v);
+        let theirs = serde_json::from_str::<&serde_json::value::RawValue>(text);
+        assert_eq!(
+            ours.is_ok(),
+            theirs.is_ok(),
+            "JSON validity differs: {ours:?} vs {theirs:?}"
+        );
+    }
     let scanned = scan(data);
+    if !may_have_images(data) {
+        // The shortcut that skips parsing is sound: no image is missed.
+        assert!(
+            scanned.as_ref().map_or(true, |r| r.images.is_empty()),
+            "may_have_images missed an image"
+        );
+    }
     if let Ok(v) = serde_json::from_slice::<Value>(data) {
         match (&scanned, walk(&v)) {
             (Ok(req), Some(want)) => assert_eq!(urls(req), want, "scan and serde_json disagree"),
@@ -512,8 +529,9 @@ pub fn pipeline(data: &[u8]) {
         &owned
     };
     let policy = policy::from_config(&cfg);
+    let seen = traffic(rest.get(..8).unwrap_or_default());
     let ctx = RequestContext {
-        traffic: traffic(rest.get(..8).unwrap_or_default()),
+        traffic: &|| seen,
         slo_ms: None,
     };
     if let Ok(out) = process(body, &cfg, policy.as_ref(), &ctx, &|| 0) {
@@ -556,8 +574,9 @@ pub fn config(data: &[u8]) {
     let policy = policy::from_config(&cfg);
     let body = sample_body();
     for seed in [&[0u8][..], &[1, 200, 3, 1, 40, 3, 2, 90], data] {
+        let seen = traffic(seed);
         let ctx = RequestContext {
-            traffic: traffic(seed),
+            traffic: &|| seen,
             slo_ms: Some(cfg.slo_for(Some("250"))),
         };
         if let Ok(out) = process(body, &cfg, policy.as_ref(), &ctx, &|| 0) {

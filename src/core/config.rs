@@ -100,6 +100,11 @@ pub struct Config {
     pub resize_filter: ResizeFilter,
     /// On bad input, forward the original request instead of a 400.
     pub fail_open: bool,
+    /// Also parse and check requests that cannot carry an image (no
+    /// `image_url` in the body): malformed ones get the filter's 400 instead
+    /// of the backend's. Off: they are forwarded untouched after one byte
+    /// search, which keeps the filter's cost on text traffic low.
+    pub validate_text_only: bool,
     /// Request paths (exact, query string ignored) the filter acts on.
     pub paths: Vec<String>,
     /// The backend's image sizing rule.
@@ -158,6 +163,7 @@ impl Default for Config {
             jpeg_quality: 90,
             resize_filter: ResizeFilter::CatmullRom,
             fail_open: false,
+            validate_text_only: false,
             paths: vec!["/v1/chat/completions".into()],
             sizing: SizingConfig::default(),
             encode_cluster: None,

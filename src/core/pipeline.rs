@@ -11,7 +11,7 @@ use super::datauri::{self, DataUriError, ImageUrl};
 use super::error::{FilterError, ImageErrorKind};
 use super::policy::{BudgetPolicy, PolicyInput, PolicyKind};
 use super::probe::{probe, ImageFormat, ImageHeader, ProbeError};
-use super::request::{scan, splice, RequestError};
+use super::request::{may_have_images, scan, splice, RequestError};
 use super::sizing::Dims;
 use super::traffic::TrafficSnapshot;
 use super::transcode::{transcode, TranscodeError};
@@ -60,23 +60,39 @@ pub struct Outcome {
 }
 
 /// What the request's surroundings tell the policy.
-#[derive(Debug, Clone, Copy)]
-pub struct RequestContext {
-    pub traffic: TrafficSnapshot,
+#[derive(Clone, Copy)]
+pub struct RequestContext<'a> {
+    /// The traffic as this request sees it. Reading it costs the filter host
+    /// calls, so it is read only for a request with images, and only when
+    /// the policy uses it.
+    pub traffic: &'a dyn Fn() -> TrafficSnapshot,
     /// SLO from `x-slo-ttft-ms`, already bounded.
     pub slo_ms: Option<f64>,
 }
 
-impl Default for RequestContext {
+impl Default for RequestContext<'static> {
+    /// No traffic, the policy's own SLO.
     fn default() -> Self {
         Self {
-            traffic: TrafficSnapshot::idle(),
+            traffic: &TrafficSnapshot::idle,
             slo_ms: None,
         }
     }
 }
 
 impl Outcome {
+    /// A request without images, forwarded as is.
+    pub fn text_only(policy: PolicyKind) -> Self {
+        Self {
+            body: None,
+            images: Vec::new(),
+            policy,
+            budget_tokens: 0,
+            reason: None,
+            predicted_ttft_ms: None,
+        }
+    }
+
     pub fn tokens_before(&self) -> u64 {
         self.images.iter().map(|i| i.tokens_before).sum()
     }
@@ -128,6 +144,10 @@ pub fn process(
             limit: cfg.max_body_bytes,
         });
     }
+    if !cfg.validate_text_only && !may_have_images(body) {
+        // No image part can be in it: forwarded as sent, unparsed.
+        return Ok(Outcome::text_only(policy.kind()));
+    }
     let req = scan(body).map_err(|e| match e {
         RequestError::Json(e) => FilterError::InvalidJson(e),
         RequestError::Schema(e) => FilterError::InvalidRequest(e),
@@ -138,16 +158,26 @@ pub fn process(
             limit: cfg.max_images_per_request,
         });
     }
+    if req.images.is_empty() {
+        // Nothing to size: the policy is not consulted and the body is
+        // forwarded as is.
+        return Ok(Outcome::text_only(policy.kind()));
+    }
     let rule = cfg.sizing_rule();
     let mut located = Vec::with_capacity(req.images.len());
     for (index, site) in req.images.iter().enumerate() {
         located.push(locate(index, site.span.clone(), &site.url, cfg)?);
     }
     let tokens: Vec<Option<u64>> = located.iter().map(|l| l.tokens).collect();
+    let traffic = if policy.uses_traffic() {
+        (ctx.traffic)()
+    } else {
+        TrafficSnapshot::idle()
+    };
     let budgets = policy.budgets(&PolicyInput {
         image_tokens: &tokens,
         text_bytes: req.text_bytes,
-        traffic: &ctx.traffic,
+        traffic: &traffic,
         slo_ms: ctx.slo_ms,
     });
     let opts = cfg.transcode_options();
@@ -426,7 +456,15 @@ mod tests {
             assert_eq!(e.code(), code, "{e}");
             assert!(e.to_string().starts_with("image 1: "), "{e}");
         }
-        let e = run("{\"messages\":", &cfg).expect_err("json");
+        // A body that cannot hold an image is checked only on request.
+        assert!(run("{\"messages\":", &cfg).is_ok_and(|o| o.images.is_empty() && o.body.is_none()));
+        let strict = Config {
+            validate_text_only: true,
+            ..cfg.clone()
+        };
+        let e = run("{\"messages\":", &strict).expect_err("json");
+        assert_eq!(e.code(), "invalid_json");
+        let e = run("{\"messages\":[{\"content\":[{\"type\":\"image_url\"}", &cfg).expect_err("json");
         assert_eq!(e.code(), "invalid_json");
         let many: Vec<String> = (0..65).map(|_| "https://x/y.png".to_string()).collect();
         assert_eq!(

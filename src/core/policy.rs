@@ -73,6 +73,11 @@ impl Budgets {
 /// A budget policy.
 pub trait BudgetPolicy {
     fn kind(&self) -> PolicyKind;
+    /// Whether the budgets depend on the traffic (else the caller need not
+    /// read it).
+    fn uses_traffic(&self) -> bool {
+        false
+    }
     fn budgets(&self, input: &PolicyInput<'_>) -> Budgets;
 }
 
@@ -121,6 +126,9 @@ pub struct Dynamic {
 impl BudgetPolicy for Dynamic {
     fn kind(&self) -> PolicyKind {
         PolicyKind::Dynamic
+    }
+    fn uses_traffic(&self) -> bool {
+        true
     }
     fn budgets(&self, input: &PolicyInput<'_>) -> Budgets {
         let sizable: Vec<u64> = input.image_tokens.iter().flatten().copied().collect();

@@ -1,13 +1,13 @@
 //! Finding the images in an OpenAI chat-completions body without
 //! re-serialising it.
 //!
-//! The body is parsed with `serde_json` into borrowed raw values, so the
-//! byte span of every image URL in the original body is known. Rewriting
+//! The body is read with [`super::json`], which gives the byte span of
+//! every value, so the span of every image URL in the original body is
+//! known. Rewriting
 //! splices new URL strings into those spans: every other byte (unknown
 //! fields, number spelling, key order, whitespace) goes upstream unchanged.
 
-use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
-use serde_json::value::RawValue;
+use super::json::{Doc, JsonError, Kind, Member};
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
@@ -46,201 +46,161 @@ pub struct ChatRequest<'a> {
     pub images: Vec<ImageSite<'a>>,
     /// Bytes of text content (an input to the latency model).
     pub text_bytes: usize,
-    /// Top-level members in order: key and the byte range of its raw value.
-    pub members: Vec<(Cow<'a, str>, Range<usize>)>,
-}
-
-/// A JSON object's members in order, values left raw. Duplicate keys are
-/// kept; lookups take the last one, as Python's `json` (and so vLLM) does.
-struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
-
-impl<'a> Members<'a> {
-    fn get(&self, key: &str) -> Option<&'a RawValue> {
-        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
-    }
-}
-
-impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Members<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
-                let mut out = Vec::new();
-                while let Some(k) = map.next_key::<Key<'de>>()? {
-                    out.push((k.0, map.next_value::<&'de RawValue>()?));
-                }
-                Ok(Members(out))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
-    }
-}
-
-/// An object key, borrowed unless it has escapes.
-struct Key<'a>(Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for Key<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Key<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Key(Cow::Owned(v.to_owned())))
-            }
-        }
-        d.deserialize_str(V(std::marker::PhantomData))
-    }
-}
-
-fn kind_of(raw: &RawValue) -> &'static str {
-    match raw.get().as_bytes().first() {
-        Some(b'{') => "object",
-        Some(b'[') => "array",
-        Some(b'"') => "string",
-        Some(b'n') => "null",
-        Some(b't' | b'f') => "boolean",
-        _ => "number",
-    }
+    /// Top-level members in order: key and the byte range of its raw value
+    /// (listed only when the request has images: the encode requests need
+    /// them).
+    pub members: Vec<Member<'a>>,
 }
 
 fn schema(msg: String) -> RequestError {
     RequestError::Schema(msg)
 }
 
-fn object<'a>(raw: &'a RawValue, what: &dyn Fn() -> String) -> Result<Members<'a>, RequestError> {
-    if kind_of(raw) != "object" {
-        return Err(schema(format!(
-            "{} must be an object, not {}",
-            what(),
-            kind_of(raw)
-        )));
-    }
-    serde_json::from_str(raw.get()).map_err(|e| RequestError::Json(e.to_string()))
+fn json(e: JsonError) -> RequestError {
+    RequestError::Json(e.to_string())
 }
 
-fn array<'a>(raw: &'a RawValue, what: &dyn Fn() -> String) -> Result<Vec<&'a RawValue>, RequestError> {
-    if kind_of(raw) != "array" {
-        return Err(schema(format!(
-            "{} must be an array, not {}",
-            what(),
-            kind_of(raw)
-        )));
+fn expect_kind(
+    doc: &Doc<'_>,
+    v: &Range<usize>,
+    kind: Kind,
+    what: &dyn Fn() -> String,
+) -> Result<(), RequestError> {
+    let got = doc.kind(v);
+    if got == kind {
+        return Ok(());
     }
-    serde_json::from_str(raw.get()).map_err(|e| RequestError::Json(e.to_string()))
-}
-
-fn string<'a>(raw: &'a RawValue, what: &dyn Fn() -> String) -> Result<Cow<'a, str>, RequestError> {
-    let text = raw.get();
-    if kind_of(raw) != "string" {
-        return Err(schema(format!(
-            "{} must be a string, not {}",
-            what(),
-            kind_of(raw)
-        )));
-    }
-    let inner = &text[1..text.len() - 1];
-    if inner.contains('\\') {
-        serde_json::from_str::<String>(text)
-            .map(Cow::Owned)
-            .map_err(|e| RequestError::Json(e.to_string()))
+    let article = if matches!(kind, Kind::Object | Kind::Array) {
+        "an"
     } else {
-        Ok(Cow::Borrowed(inner))
-    }
+        "a"
+    };
+    Err(schema(format!(
+        "{} must be {article} {}, not {}",
+        what(),
+        kind.name(),
+        got.name()
+    )))
 }
 
-/// Byte range of `raw` inside `body` (raw values borrow from the body).
-fn span_in(body: &str, raw: &RawValue) -> Range<usize> {
-    let start = raw.get().as_ptr() as usize - body.as_ptr() as usize;
-    start..start + raw.get().len()
+fn string<'a>(
+    doc: &Doc<'a>,
+    v: &Range<usize>,
+    what: &dyn Fn() -> String,
+) -> Result<Cow<'a, str>, RequestError> {
+    expect_kind(doc, v, Kind::String, what)?;
+    doc.string(v).map_err(json)
 }
 
 /// Parses a chat-completions body and locates its image URLs.
 pub fn scan(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> {
     let text = std::str::from_utf8(body).map_err(|e| RequestError::Json(format!("invalid UTF-8: {e}")))?;
-    let top: &RawValue = serde_json::from_str(text).map_err(|e| RequestError::Json(e.to_string()))?;
-    let top = object(top, &|| "the request body".into())?;
-    let members = top.0.iter().map(|(k, v)| (k.clone(), span_in(text, v))).collect();
-    let messages = top
-        .get("messages")
-        .ok_or_else(|| schema("`messages` is required".into()))?;
-    let messages = array(messages, &|| "`messages`".into())?;
-    let mut req = ChatRequest {
-        members,
-        ..ChatRequest::default()
-    };
-    for (m, message) in messages.iter().enumerate() {
-        let message = object(message, &|| format!("messages[{m}]"))?;
-        let Some(content) = message.get("content") else {
+    let (doc, top) = Doc::parse(text).map_err(json)?;
+    expect_kind(&doc, &top, Kind::Object, &|| "the request body".into())?;
+    let [messages] = doc.pick(&top, ["messages"]).map_err(json)?;
+    let messages = messages.ok_or_else(|| schema("`messages` is required".into()))?;
+    expect_kind(&doc, &messages, Kind::Array, &|| "`messages`".into())?;
+    let mut req = ChatRequest::default();
+    for (m, message) in doc.item_iter(&messages).enumerate() {
+        let message = message.map_err(json)?;
+        expect_kind(&doc, &message, Kind::Object, &|| format!("messages[{m}]"))?;
+        let [content] = doc.pick(&message, ["content"]).map_err(json)?;
+        let Some(content) = content else {
             continue;
         };
-        match kind_of(content) {
-            "string" => req.text_bytes += content.get().len().saturating_sub(2),
-            "null" => {}
-            "array" => {
-                for (p, part) in array(content, &|| String::new())?.iter().enumerate() {
-                    scan_part(text, part, m, p, &mut req)?;
+        match doc.kind(&content) {
+            Kind::String => req.text_bytes += content.len().saturating_sub(2),
+            Kind::Null => {}
+            Kind::Array => {
+                for (p, part) in doc.item_iter(&content).enumerate() {
+                    scan_part(&doc, &part.map_err(json)?, m, p, &mut req)?;
                 }
             }
             other => {
                 return Err(schema(format!(
-                    "messages[{m}].content must be a string or an array, not {other}"
+                    "messages[{m}].content must be a string or an array, not {}",
+                    other.name()
                 )))
             }
         }
+    }
+    // Only a request with images is rewritten or sent to the encoder.
+    if !req.images.is_empty() {
+        req.members = doc.members(&top).map_err(json)?;
     }
     Ok(req)
 }
 
 fn scan_part<'a>(
-    body: &'a str,
-    part: &'a RawValue,
+    doc: &Doc<'a>,
+    part: &Range<usize>,
     m: usize,
     p: usize,
     req: &mut ChatRequest<'a>,
 ) -> Result<(), RequestError> {
     let where_ = || format!("messages[{m}].content[{p}]");
-    let part = object(part, &where_)?;
-    let kind = match part.get("type") {
-        Some(t) => string(t, &|| format!("{}.type", where_()))?,
-        None => return Err(schema(format!("{}.type is required", where_()))),
-    };
+    expect_kind(doc, part, Kind::Object, &where_)?;
+    let [kind, image_url, text] = doc.pick(part, ["type", "image_url", "text"]).map_err(json)?;
+    let kind = kind.ok_or_else(|| schema(format!("{}.type is required", where_())))?;
+    let kind = string(doc, &kind, &|| format!("{}.type", where_()))?;
     match kind.as_ref() {
         "image_url" => {
-            let iu = part
-                .get("image_url")
-                .ok_or_else(|| schema(format!("{}.image_url is required", where_())))?;
+            let iu = image_url.ok_or_else(|| schema(format!("{}.image_url is required", where_())))?;
             // Object form {"url": ..., "detail": ...} or the bare-string form.
-            let url_raw = if kind_of(iu) == "object" {
-                object(iu, &where_)?
-                    .get("url")
-                    .ok_or_else(|| schema(format!("{}.image_url.url is required", where_())))?
+            let url_span = if doc.kind(&iu) == Kind::Object {
+                let [url] = doc.pick(&iu, ["url"]).map_err(json)?;
+                url.ok_or_else(|| schema(format!("{}.image_url.url is required", where_())))?
             } else {
                 iu
             };
-            let url = string(url_raw, &|| format!("{}.image_url.url", where_()))?;
-            req.images.push(ImageSite {
-                span: span_in(body, url_raw),
-                url,
-            });
+            let url = string(doc, &url_span, &|| format!("{}.image_url.url", where_()))?;
+            req.images.push(ImageSite { span: url_span, url });
         }
         "text" => {
-            if let Some(t) = part.get("text") {
-                req.text_bytes += t.get().len().saturating_sub(2);
+            if let Some(t) = text {
+                req.text_bytes += t.len().saturating_sub(2);
             }
         }
         _ => {}
     }
     Ok(())
+}
+
+/// Whether `body` could hold an image part: it has the bytes `image_url`,
+/// or a `\u` escape (which could spell them). A body without either has no
+/// part whose type is `image_url` under any JSON reading, so [`scan`] would
+/// find no image in it. One pass, eight bytes at a time.
+pub fn may_have_images(body: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    let mut i = 0;
+    while i < body.len() {
+        // Skip to the next `_` or `\`.
+        while let Some(chunk) = body.get(i..i + 8) {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(chunk);
+            let v = u64::from_le_bytes(w);
+            if has_zero(v ^ (ONES * u64::from(b'_'))) | has_zero(v ^ (ONES * u64::from(b'\\'))) != 0 {
+                break;
+            }
+            i += 8;
+        }
+        let Some(off) = body[i..].iter().position(|&c| c == b'_' || c == b'\\') else {
+            return false;
+        };
+        i += off;
+        let hit = if body[i] == b'\\' {
+            body.get(i + 1) == Some(&b'u')
+        } else {
+            i >= 5 && body.get(i - 5..i + 4) == Some(&b"image_url"[..])
+        };
+        if hit {
+            return true;
+        }
+        i += 1;
+    }
+    false
 }
 
 /// Writes `body` with each span replaced, in one pass into one buffer.
@@ -348,6 +308,32 @@ mod tests {
             "}".repeat(10_000)
         );
         assert_eq!(scan(deep.as_bytes()).map(|r| r.images.len()), Ok(0));
+    }
+
+    #[test]
+    fn may_have_images_is_a_sound_shortcut() {
+        assert!(may_have_images(BODY.as_bytes()));
+        assert!(!may_have_images(b""));
+        assert!(!may_have_images(
+            br#"{"messages":[{"role":"user","content":"an image_ur l, image-url"}]}"#
+        ));
+        // Escapes could spell the type; the search says "maybe".
+        assert!(may_have_images(
+            br#"{"messages":[{"content":[{"type":"image\u005furl"}]}]}"#
+        ));
+        // At every offset and alignment.
+        for pad in 0..20 {
+            let mut b = vec![b'_'; pad];
+            b.extend_from_slice(b"image_url");
+            assert!(may_have_images(&b), "{pad}");
+            b.truncate(b.len() - 1);
+            assert!(!may_have_images(&b), "{pad}");
+            let mut b = vec![b'x'; pad];
+            b.extend_from_slice(b"\\u");
+            assert!(may_have_images(&b), "{pad}");
+        }
+        let text = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#;
+        assert!(!may_have_images(text) && scan(text).expect("scan").images.is_empty());
     }
 
     #[test]

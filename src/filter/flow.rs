@@ -10,6 +10,7 @@ use crate::core::error::FilterError;
 use crate::core::pipeline::{process, ImageAction, Outcome, RequestContext};
 use crate::core::policy::{self, BudgetPolicy, PolicyKind};
 use crate::core::traffic::{TrafficSnapshot, TrafficState};
+use std::cell::Cell;
 use std::rc::Rc;
 
 /// What the host should do after a callback.
@@ -132,16 +133,16 @@ impl RequestFilter {
         end_of_stream: bool,
     ) -> Verdict {
         let cfg = &self.shared.config;
-        let method = host.request_header(":method");
-        let path = host.request_header(":path");
-        let acts = method.as_deref() == Some("POST") && path.as_deref().is_some_and(|p| cfg.matches_path(p));
+        let headers = host.request_headers();
+        let acts = headers.get(":method") == Some("POST")
+            && headers.get(":path").is_some_and(|p| cfg.matches_path(p));
         if !acts || end_of_stream {
             return Verdict::Continue;
         }
         svc.add(Counter::Requests, 1);
         // A declared length over the limit is refused before Envoy buffers it.
-        let declared = host
-            .request_header("content-length")
+        let declared = headers
+            .get("content-length")
             .and_then(|v| v.trim().parse::<u64>().ok());
         if declared.is_some_and(|n| n > cfg.max_body_bytes) {
             let limit = cfg.max_body_bytes;
@@ -154,12 +155,14 @@ impl RequestFilter {
         // The body may change length: let Envoy frame it (chunked / h2 data).
         host.remove_request_header("content-length");
         if cfg.policy == PolicyKind::Dynamic {
-            self.slo_ms = host.request_header(HEADER_SLO).map(|h| cfg.slo_for(Some(&h)));
+            self.slo_ms = headers.get(HEADER_SLO).map(|h| cfg.slo_for(Some(h)));
         }
         if cfg.encode_cluster.is_some() {
             // Encode and PD calls share the id; headers can only change now.
-            let id = match host.request_header(REQUEST_ID) {
-                Some(id) if !id.is_empty() => id,
+            // An id that is not UTF-8 is replaced: the encode call could
+            // not carry the same bytes.
+            let id = match headers.get(REQUEST_ID) {
+                Some(id) if !id.is_empty() => id.to_string(),
                 _ => {
                     let id = host.new_request_id();
                     host.set_request_header(REQUEST_ID, &id);
@@ -199,9 +202,16 @@ impl RequestFilter {
         let Some(body) = host.request_body(body_size) else {
             return self.fail(host, svc, FilterError::InvalidJson("empty body".into()));
         };
-        let now = host.now_micros();
+        // The shared traffic state is read (host calls) only if the policy
+        // asks for it, and then once.
+        let seen = Cell::new(None);
+        let traffic = || {
+            let t = shared.snapshot(svc, host.now_micros());
+            seen.set(Some(t));
+            t
+        };
         let ctx = RequestContext {
-            traffic: shared.snapshot(svc, now),
+            traffic: &traffic,
             slo_ms: self.slo_ms,
         };
         let clock = || host.now_micros();
@@ -209,6 +219,10 @@ impl RequestFilter {
             Ok(outcome) => outcome,
             Err(e) => return self.fail(host, svc, e),
         };
+        if outcome.images.is_empty() {
+            // Text only: nothing to report to the traffic state.
+            return self.forward(svc, report_of(&outcome), false);
+        }
         if let Some(new_body) = &outcome.body {
             host.replace_request_body(body_size, new_body);
         }
@@ -217,21 +231,22 @@ impl RequestFilter {
         let images = outcome.images.len() as u64;
         let tokens = outcome.tokens_after();
         let final_body = outcome.body.unwrap_or(body);
-        if images > 0 {
-            let window = cfg.rate_window_s;
-            let state = svc.update(&mut |s| s.record_arrival(now, images, tokens, window));
-            svc.publish(&state, GaugeSet::RATES);
+        let now = host.now_micros();
+        let window = cfg.rate_window_s;
+        let state = svc.update(&mut |s| s.record_arrival(now, images, tokens, window));
+        svc.publish(&state, GaugeSet::RATES);
+        if cfg.encode_cluster.is_none() {
+            return self.forward(svc, report, true);
         }
-        match (&cfg.encode_cluster, images > 0) {
-            (Some(_), true) => self.start_encoding(host, svc, &final_body, report, tokens, &ctx.traffic),
-            _ => self.forward(svc, report),
-        }
+        let traffic = seen.get().unwrap_or_else(|| shared.snapshot(svc, now));
+        self.start_encoding(host, svc, &final_body, report, tokens, &traffic)
     }
 
-    /// The request continues to prefill/decode.
-    fn forward(&mut self, svc: &dyn Services, report: Report) -> Verdict {
+    /// The request continues to prefill/decode; a request with images
+    /// counts as in flight there until it is done.
+    fn forward(&mut self, svc: &dyn Services, report: Report, images: bool) -> Verdict {
         self.state = State::Done(report);
-        if !self.held.pd {
+        if images && !self.held.pd {
             self.held.pd = true;
             let state = svc.update(&mut |s| s.pd_inflight += 1);
             svc.publish(&state, GaugeSet::PD);
@@ -252,7 +267,7 @@ impl RequestFilter {
         let bodies = match encode_requests(body, self.shared.config.encode_fanout) {
             Ok(b) if !b.is_empty() => b,
             // The body was just parsed, so this cannot fail; forward as is.
-            _ => return self.forward(svc, report),
+            _ => return self.forward(svc, report, true),
         };
         let params = &self.shared.params;
         let work_ms = traffic.calibration * params.encode.predict(tokens as f64);
@@ -393,7 +408,7 @@ impl RequestFilter {
         report.headers.push((HEADER_ENCODE, outcome.to_string()));
         report.headers.push((HEADER_ENCODE_MS, elapsed_ms.to_string()));
         report.headers.push((HEADER_ENCODE_CALLS, enc.calls.to_string()));
-        let verdict = self.forward(svc, report);
+        let verdict = self.forward(svc, report, true);
         if resume {
             host.resume_request();
         }
@@ -436,7 +451,7 @@ impl RequestFilter {
                     (HEADER_FAIL_OPEN, err.code().to_string()),
                 ],
             };
-            return self.forward(svc, report);
+            return self.forward(svc, report, false);
         }
         self.reply_error(host, svc, err)
     }
@@ -472,6 +487,13 @@ fn record(svc: &dyn Services, o: &Outcome) {
 }
 
 fn report_of(o: &Outcome) -> Report {
+    if o.images.is_empty() {
+        let headers = vec![
+            (HEADER_POLICY, o.policy.name().to_string()),
+            (HEADER_IMAGES, "0".to_string()),
+        ];
+        return Report { headers };
+    }
     let mut headers = vec![
         (HEADER_POLICY, o.policy.name().to_string()),
         (HEADER_BUDGET, o.budget_tokens.to_string()),
@@ -496,7 +518,7 @@ fn report_of(o: &Outcome) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::filter::host::{Metrics, Traffic};
+    use crate::filter::host::{Metrics, RequestHeaders, Traffic};
     use std::cell::RefCell;
     use std::collections::HashMap;
 
@@ -513,8 +535,13 @@ mod tests {
     }
 
     impl HttpHost for FakeHost {
-        fn request_header(&self, name: &str) -> Option<String> {
-            self.req_headers.get(name).cloned()
+        fn request_headers(&self) -> RequestHeaders {
+            RequestHeaders::new(
+                self.req_headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+                    .collect(),
+            )
         }
         fn remove_request_header(&mut self, name: &str) {
             self.req_headers.remove(name);
@@ -562,16 +589,28 @@ mod tests {
     struct FakeMetrics {
         counts: RefCell<HashMap<String, u64>>,
         traffic: RefCell<TrafficState>,
+        /// Reads and updates of the shared traffic state by the filter.
+        traffic_calls: Cell<u32>,
+    }
+
+    impl FakeMetrics {
+        /// The shared state, as a test reads it (not counted).
+        fn state(&self) -> TrafficState {
+            *self.traffic.borrow()
+        }
     }
 
     impl Traffic for FakeMetrics {
         fn state(&self) -> TrafficState {
+            self.traffic_calls.set(self.traffic_calls.get() + 1);
             *self.traffic.borrow()
         }
         fn cluster(&self) -> Option<crate::core::traffic::ClusterSignal> {
+            self.traffic_calls.set(self.traffic_calls.get() + 1);
             None
         }
         fn update(&self, op: &mut dyn FnMut(&mut TrafficState)) -> TrafficState {
+            self.traffic_calls.set(self.traffic_calls.get() + 1);
             op(&mut self.traffic.borrow_mut());
             *self.traffic.borrow()
         }
@@ -633,14 +672,17 @@ mod tests {
         f.on_response_headers(&mut h);
         let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
         assert_eq!(hv[HEADER_POLICY], "static");
-        assert_eq!(hv[HEADER_BUDGET], "4096");
-        assert_eq!(hv[HEADER_BEFORE], "0");
+        assert_eq!(hv[HEADER_IMAGES], "0");
+        assert_eq!(hv.len(), 2, "{hv:?}");
         assert_eq!(m.counts.borrow()[Counter::Requests.name()], 1);
+        // Nothing read from or written to the shared traffic state.
+        f.on_done(&m);
+        assert_eq!(m.traffic_calls.get(), 0);
     }
 
     #[test]
     fn bad_input_fails_closed_or_open() {
-        let body = "{not json";
+        let body = r#"{"messages":[{"content":[{"type":"image_url"#;
         let m = FakeMetrics::default();
         let mut h = host("POST", "/v1/chat/completions", body);
         let mut f = filter(Config::default());
@@ -928,18 +970,29 @@ mod tests {
             policy: PolicyKind::Dynamic,
             ..Config::default()
         };
-        let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
         let m = FakeMetrics::default();
-        let mut h = host("POST", "/v1/chat/completions", body);
+        let mut h = host("POST", "/v1/chat/completions", TWO_IMAGES);
         h.req_headers.insert(HEADER_SLO.into(), "700".into());
-        let mut f = filter(cfg);
+        let mut f = filter(cfg.clone());
         f.on_request_headers(&mut h, &m, false);
         assert_eq!(f.slo_ms, Some(700.0));
-        f.on_request_body(&mut h, &m, body.len(), true);
+        f.on_request_body(&mut h, &m, TWO_IMAGES.len(), true);
+        assert!(m.traffic_calls.get() > 0, "the dynamic policy reads the traffic");
         f.on_response_headers(&mut h);
         let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
         assert_eq!(hv[HEADER_POLICY], "dynamic");
         assert_eq!(hv[HEADER_REASON], "unconstrained");
         assert!(hv.contains_key(HEADER_PREDICTED_TTFT));
+        // A text-only request does not consult the policy or the traffic.
+        let text = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", text);
+        let mut f = filter(cfg);
+        f.on_request_headers(&mut h, &m, false);
+        f.on_request_body(&mut h, &m, text.len(), true);
+        f.on_response_headers(&mut h);
+        f.on_done(&m);
+        assert_eq!(m.traffic_calls.get(), 0);
+        assert!(!h.resp_headers.iter().any(|(k, _)| k == HEADER_REASON));
     }
 }

@@ -4,7 +4,8 @@ use super::metrics::HostMetrics;
 use super::{now_micros, shared, warn_err};
 use crate::core::traffic::{ClusterSignal, TrafficState};
 use crate::filter::{
-    Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestFilter, Services, Shared, Traffic, Verdict,
+    Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestFilter, RequestHeaders, Services, Shared,
+    Traffic, Verdict,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -70,10 +71,10 @@ impl Http {
 
 impl Context for Http {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten()
-            .and_then(|s| s.parse::<u32>().ok());
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
         self.filter
             .on_encode_response(&mut self.host, self.services.as_ref(), token, status);
     }
@@ -138,12 +139,14 @@ thread_local! {
 }
 
 impl HttpHost for ProxyHost {
-    fn request_header(&self, name: &str) -> Option<String> {
-        warn_err(
-            "get header",
-            hostcalls::get_map_value(MapType::HttpRequestHeaders, name),
+    fn request_headers(&self) -> RequestHeaders {
+        RequestHeaders::new(
+            warn_err(
+                "get headers",
+                hostcalls::get_map_bytes(MapType::HttpRequestHeaders),
+            )
+            .unwrap_or_default(),
         )
-        .flatten()
     }
     fn remove_request_header(&mut self, name: &str) {
         warn_err(

@@ -101,9 +101,10 @@ impl Context for Root {
         }
         self.poll = None;
         self.bump(COUNTER_POLLS);
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+        let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
             .ok()
-            .flatten();
+            .flatten()
+            .map(|s| String::from_utf8_lossy(&s).into_owned());
         let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
             .ok()
             .flatten();

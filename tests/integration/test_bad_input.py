@@ -47,7 +47,7 @@ def bad_cases():
 
 
 CONFIG = {"policy": "static", "static_budget_tokens": 512, "max_body_bytes": 2_000_000,
-          "max_image_pixels": 20_000_000}
+          "max_image_pixels": 20_000_000, "validate_text_only": True}
 
 
 @pytest.fixture(scope="module")

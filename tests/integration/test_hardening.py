@@ -27,7 +27,9 @@ import harness
 from harness import FACTOR, chat_body, data_url, decode_data_url, image_bytes, image_urls, post, smart_resize, tokens
 
 BUDGET = 1024
-CONFIG = {"policy": "static", "static_budget_tokens": BUDGET}  # every limit at its default
+# Every limit at its default; text-only bodies are checked too (the default
+# forwards them unparsed: see test_text_only_bodies_are_forwarded_unparsed).
+CONFIG = {"policy": "static", "static_budget_tokens": BUDGET, "validate_text_only": True}
 GOOD = data_url(image_bytes(1500, 1000, "JPEG"), "image/jpeg")
 
 
@@ -664,3 +666,60 @@ def test_bad_configuration_field_types_refuse_to_load(wasm, tmp_path, bad, field
     out = run.stdout + run.stderr
     assert run.returncode != 0, out
     assert f"invalid configuration: field `{field}`" in out, out[-2000:]
+
+
+# ------------------------------------------------------ text-only bodies
+
+
+def test_text_only_bodies_are_forwarded_unparsed(start_envoy, upstream):
+    """By default a body that cannot hold an image part (no `image_url`, no
+    `\\u` escape) goes upstream byte for byte, malformed or not: the backend
+    answers it. One that could is parsed and checked as before."""
+    env = start_envoy({"policy": "static", "static_budget_tokens": BUDGET}, upstream)
+    env.v8_created = env.stats()["wasm.envoy.wasm.runtime.v8.created"]
+    for body in (b'{"messages": [', b'{"model": "m"}', b"{'messages': []}", b'{"messages": [{"content": 7}]}'):
+        status, headers, _ = post(env.url, body)
+        assert status == 200 and upstream.last()["body"] == body
+        assert (headers["x-vlm-policy"], headers["x-vlm-images"]) == ("static", "0")
+    for body, code in ((b'{"messages": [{"content": [{"type": "image_url"', "invalid_json"),
+                       (b'{"messages": [{"content": [{"type": "image\\u005furl", "image_url": 5}]}]}',
+                        "invalid_request")):
+        seen = len(upstream.requests)
+        status, _, reply = post(env.url, body)
+        assert status == 400 and json.loads(reply)["error"]["code"] == code, reply
+        assert len(upstream.requests) == seen
+    still_works(env, upstream)
+
+
+def raw_post(url: str, body: bytes, extra_headers: bytes) -> bytes:
+    """One HTTP/1.1 request with header bytes as given; the status line back."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    req = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n" + extra_headers
+           + b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(req)
+        out = b""
+        while b"\r\n" not in out:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            out += chunk
+    return out.split(b"\r\n", 1)[0]
+
+
+def test_header_values_that_are_not_utf8(start_envoy, upstream):
+    """Envoy passes header bytes 0x80-0xFF through; the filter reads the
+    headers it needs as bytes, so such a value is ignored (an SLO) or
+    replaced (a request id), never a crash of the worker's VM."""
+    env = start_envoy({"policy": "dynamic", "encode_cluster": "encode_cluster"}, upstream)
+    env.v8_created = env.stats()["wasm.envoy.wasm.runtime.v8.created"]
+    body = chat_body([GOOD])
+    for _ in range(4):  # both workers, several times
+        line = raw_post(env.url, body, b"x-slo-ttft-ms: \xff\xfe\r\nx-request-id: \xe9t\xe9\r\n")
+        assert line.startswith(b"HTTP/1.1 200"), line
+        rid = upstream.last()["headers"]["x-request-id"]
+        assert rid and rid.isascii(), rid
+    for _ in range(4):
+        status, headers, _ = post(env.url, body)
+        assert status == 200 and headers["x-vlm-images"] == "1"
+    vm_intact(env)
