@@ -156,9 +156,11 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 
 
 def envoy_config(wasm: Path, plugin: dict, upstream_port: int, fast_port: int, filtered_port: int,
-                 plain_port: int, admin_port: int, null_wasm: Path | None = None, null_port: int = 0) -> dict:
+                 plain_port: int, admin_port: int, null_wasm: Path | None = None, null_port: int = 0,
+                 strict_port: int = 0) -> dict:
     """envoy/envoy.yaml with two listeners, one with the filter and one
-    without (and a third with `null_wasm`, a filter that only buffers the
+    without (a third, with `strict_port`, with the filter checking text-only
+    bodies too, and one with `null_wasm`, a filter that only buffers the
     body), sharing one route table: requests with `x-bench-upstream: fast`
     go to a direct-response Envoy, the rest to the recording upstream."""
     cfg = harness.render_config(plugin, upstream_port, filtered_port, admin_port, wasm)
@@ -176,6 +178,16 @@ def envoy_config(wasm: Path, plugin: dict, upstream_port: int, fast_port: int, f
     plain_hcm["stat_prefix"] = "plain_ingress"
     plain_hcm["http_filters"] = [f for f in plain_hcm["http_filters"] if f["name"] != "envoy.filters.http.wasm"]
     cfg["static_resources"]["listeners"].append(plain)
+    if strict_port:
+        # The filter again, parsing and checking text-only bodies too.
+        strict = harness.deepcopy(filtered)
+        strict["name"] = "strict_ingress"
+        strict["address"]["socket_address"]["port_value"] = strict_port
+        strict_hcm = strict["filter_chains"][0]["filters"][0]["typed_config"]
+        strict_hcm["stat_prefix"] = "strict_ingress"
+        strict_cfg = strict_hcm["http_filters"][0]["typed_config"]["config"]
+        strict_cfg["configuration"]["value"] = json.dumps({**plugin, "validate_text_only": True})
+        cfg["static_resources"]["listeners"].append(strict)
     if null_wasm is not None:
         null = harness.deepcopy(filtered)
         null["name"] = "null_ingress"
@@ -503,11 +515,12 @@ def main() -> int:
               "max_image_pixels": 40_000_000, "max_body_bytes": 67_108_864, "jpeg_quality": args.quality}
     upstream = harness.Recorder()
     workdir = Path(tempfile.mkdtemp(prefix="bench-image-"))
-    fast_port, fast_admin, filtered_port, plain_port, admin_port, null_port = (
-        harness.free_port() for _ in range(6))
+    fast_port, fast_admin, filtered_port, plain_port, admin_port, null_port, strict_port = (
+        harness.free_port() for _ in range(7))
     fast = EnvoyProc(direct_response_config(fast_port, fast_admin), workdir, fast_admin, "upstream")
     envoy = EnvoyProc(envoy_config(args.wasm, plugin, upstream.port, fast_port, filtered_port, plain_port,
-                                   admin_port, args.null_wasm, null_port), workdir, admin_port, "envoy")
+                                   admin_port, args.null_wasm, null_port, strict_port), workdir, admin_port,
+                     "envoy")
     native = Native(args.native, args.quality, args.budget)
     filtered_url, plain_url = f"http://127.0.0.1:{filtered_port}", f"http://127.0.0.1:{plain_port}"
     gauge = "wasmcustom.vlm_budget_vm_memory_bytes"
@@ -546,6 +559,7 @@ def main() -> int:
                 text[name].append(wrk_p50_us(url, text_body, max(1, args.wrk_seconds // rounds), workdir))
         print(f"text-only overhead: paired single requests for {args.wrk_seconds} s ...", flush=True)
         ports = {"plain": plain_port, "filter": filtered_port}
+        ports["filter_validate_text_only"] = strict_port
         if args.null_wasm is not None:
             ports["null_filter"] = null_port
         paired = paired_latency(ports, text_body, args.wrk_seconds)
@@ -691,6 +705,8 @@ def markdown(r: dict) -> str:
     lines += ["", "Text-only chat request (no image), Envoy to a direct-response Envoy, one connection:", "",
               f"- single requests to each listener in turn ({pr['rounds']} rounds): without a filter p50 "
               f"{pr['plain']['p50_us']:.0f} µs; with vlm-budget {extra('filter')}"
+              + (f"; with vlm-budget and `validate_text_only: true` (the body parsed and checked) "
+                 f"{extra('filter_validate_text_only')}" if "filter_validate_text_only" in pr else "")
               + (f"; with a wasm filter that only buffers the body {extra('null_filter')}"
                  if "null_filter" in pr else "") + ".",
               f"- the core's own work on such a request (`pipeline::process`, native): "

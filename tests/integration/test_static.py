@@ -85,7 +85,8 @@ def test_text_only_and_other_paths_are_untouched(envoy, upstream):
     status, headers, _ = post(envoy.url, text)
     assert status == 200
     assert upstream.last()["body"] == text
-    assert headers["x-vlm-visual-tokens-before"] == "0"
+    assert (headers["x-vlm-policy"], headers["x-vlm-images"]) == ("static", "0")
+    assert "x-vlm-budget-tokens" not in headers
     big = chat_body([data_url(image_bytes(2000, 2000, "PNG"), "image/png")])
     for path in ["/v1/completions", "/v1/chat/completions/extra", "/health"]:
         status, headers, _ = post(envoy.url, big, path=path)
