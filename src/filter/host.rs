@@ -178,6 +178,14 @@ mod tests {
     use super::RequestHeaders;
 
     #[test]
+    fn counters_are_listed_in_declaration_order() {
+        // The shell indexes its metric ids by `Counter as usize`.
+        for (i, c) in super::Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i, "{c:?}");
+        }
+    }
+
+    #[test]
     fn header_values_that_are_not_utf8_read_as_absent() {
         let h = RequestHeaders::new(vec![
             ("x-slo-ttft-ms".into(), b"\xff\xfe".to_vec()),

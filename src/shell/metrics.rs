@@ -24,7 +24,8 @@ pub const COUNTER_POLL_FAILURES: &str = "vlm_budget_metrics_poll_failures_total"
 /// Metric ids of this VM.
 #[derive(Default)]
 pub struct HostMetrics {
-    counters: HashMap<Counter, u32>,
+    /// Indexed by `Counter as usize` (a lookup on every request).
+    counters: [Option<u32>; Counter::ALL.len()],
     errors: HashMap<&'static str, u32>,
     named: HashMap<&'static str, u32>,
     transcode: Option<u32>,
@@ -57,10 +58,7 @@ const GAUGES: [&str; 9] = [
 
 impl HostMetrics {
     pub fn define_all() -> Self {
-        let counters = Counter::ALL
-            .iter()
-            .filter_map(|&c| define(MetricType::Counter, c.name()).map(|id| (c, id)))
-            .collect();
+        let counters = Counter::ALL.map(|c| define(MetricType::Counter, c.name()));
         let errors = FilterError::CODES
             .iter()
             .filter_map(|&code| define(MetricType::Counter, &error_metric_name(code)).map(|id| (code, id)))
@@ -131,7 +129,7 @@ impl HostMetrics {
 
 impl Metrics for HostMetrics {
     fn add(&self, counter: Counter, n: u64) {
-        Self::increment(self.counters.get(&counter), n);
+        Self::increment(self.counters.get(counter as usize).and_then(Option::as_ref), n);
     }
     fn error(&self, code: &'static str) {
         Self::increment(self.errors.get(code), 1);
