@@ -34,6 +34,7 @@ use vlm_budget::core::config::Config;
 use vlm_budget::core::pipeline::{process, ImageAction, RequestContext};
 use vlm_budget::core::policy::from_config;
 use vlm_budget::core::probe::{probe, ImageFormat};
+use vlm_budget::core::request::scan;
 use vlm_budget::core::transcode::{decode, decode_scaled, encode, resize};
 
 /// Counts live heap bytes and their high-water mark.
@@ -208,6 +209,21 @@ fn bench_file(path: &Path, args: &Args, cfg: &Config) -> Result<serde_json::Valu
         out_body = Some(outcome);
     }
     let outcome = out_body.ok_or("no run")?;
+    // Reading the body's JSON: the filter's reader (validate, then locate the
+    // images) against one plain `serde_json` pass over the same bytes.
+    let mut scan_times = Vec::with_capacity(args.reps);
+    let mut serde_times = Vec::with_capacity(args.reps);
+    for _ in 0..args.reps.max(3) {
+        let t = Instant::now();
+        let found = scan(&body).map_err(|e| e.to_string())?.images.len();
+        scan_times.push(ms_since(t));
+        let t = Instant::now();
+        let raw: &serde_json::value::RawValue = serde_json::from_slice(&body)?;
+        serde_times.push(ms_since(t));
+        if found != 1 || raw.get().is_empty() {
+            return Err("the body did not read as one image".into());
+        }
+    }
     let (to, resized) = match outcome.images.first().map(|i| &i.action) {
         Some(ImageAction::Resized { to, .. }) => (*to, true),
         _ => (
@@ -238,6 +254,8 @@ fn bench_file(path: &Path, args: &Args, cfg: &Config) -> Result<serde_json::Valu
         "median_ms": median(&mut times.clone()),
         "ms": times,
         "image_median_ms": median(&mut image_times),
+        "scan_median_ms": median(&mut scan_times),
+        "serde_json_pass_median_ms": median(&mut serde_times),
         "peak_heap_bytes": peak,
     });
     if args.stages && resized {
