@@ -720,7 +720,7 @@ def markdown(r: dict) -> str:
               + (f"; with a wasm filter that only buffers the body {extra('null_filter')}"
                  if "null_filter" in pr else "") + ".",
               f"- the core's own work on such a request (`pipeline::process`, native): "
-              f"{t['native_core_us']:.1f} µs.",
+              f"{t['native_core_us']:.2f} µs.",
               f"- wrk, 5 alternating runs each: p50 {t['wrk_p50_us']['plain']:.0f} µs without, "
               f"{t['wrk_p50_us']['filter']:.0f} µs with: {t['wrk_p50_extra_us']:+.0f} µs "
               f"(runs without/with: {runs} µs)."]
