@@ -9,10 +9,10 @@
 //! are remembered by the validating pass, so listing the containers around
 //! them later jumps over them instead of reading them again.
 //!
-//! It exists for speed: every request on a filtered path is read with it,
-//! and on text-only requests its small code beats `serde_json`'s generic
-//! visitors, whose code is cold in the proxy's caches by the time the next
-//! request comes.
+//! It exists for speed: a body with a 4K image is read in about 1.3 times
+//! one plain `serde_json` pass (`make bench-image` reports it per image),
+//! where reading each nesting level with `serde_json` again read the image's
+//! base64 several times.
 
 use std::borrow::Cow;
 use std::fmt;
