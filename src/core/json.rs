@@ -129,9 +129,7 @@ impl<'a> Doc<'a> {
     pub fn member_iter<'d>(&'d self, v: &Range<usize>) -> MemberIter<'d, 'a> {
         MemberIter {
             doc: self,
-            c: self.cursor(v.start),
-            started: false,
-            done: false,
+            walk: Walk::new(self.cursor(v.start)),
         }
     }
 
@@ -160,9 +158,7 @@ impl<'a> Doc<'a> {
     /// The spans of an array's items, one at a time.
     pub fn item_iter<'d>(&'d self, v: &Range<usize>) -> ItemIter<'d> {
         ItemIter {
-            c: self.cursor(v.start),
-            started: false,
-            done: false,
+            walk: Walk::new(self.cursor(v.start)),
         }
     }
 
@@ -186,32 +182,16 @@ impl<'a> Doc<'a> {
 /// An object's members (see [`Doc::member_iter`]); stops after an error.
 pub struct MemberIter<'d, 'a> {
     doc: &'d Doc<'a>,
-    c: Cursor<'d>,
-    started: bool,
-    done: bool,
+    walk: Walk<'d>,
 }
 
 impl<'a> MemberIter<'_, 'a> {
     fn step(&mut self) -> Result<Option<Member<'a>>, JsonError> {
-        let c = &mut self.c;
-        if self.started {
-            c.ws();
-            if c.eat(b'}') {
-                return Ok(None);
-            }
-            c.expect(b',', "expected `,` or `}`")?;
-        } else {
-            self.started = true;
-            c.expect(b'{', "expected an object")?;
-            c.ws();
-            if c.eat(b'}') {
-                return Ok(None);
-            }
+        if !self.walk.next_entry(true)? {
+            return Ok(None);
         }
-        c.ws();
-        let key = c.string()?;
-        c.ws();
-        c.expect(b':', "expected `:`")?;
+        let c = &mut self.walk.c;
+        let key = c.key(None)?;
         c.ws();
         let start = c.pos;
         c.value(None)?;
@@ -224,40 +204,22 @@ impl<'a> Iterator for MemberIter<'_, 'a> {
     type Item = Result<Member<'a>, JsonError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
         let step = self.step();
-        self.done = !matches!(step, Ok(Some(_)));
-        step.transpose()
+        self.walk.finish(step)
     }
 }
 
 /// An array's item spans (see [`Doc::item_iter`]); stops after an error.
 pub struct ItemIter<'d> {
-    c: Cursor<'d>,
-    started: bool,
-    done: bool,
+    walk: Walk<'d>,
 }
 
 impl ItemIter<'_> {
     fn step(&mut self) -> Result<Option<Range<usize>>, JsonError> {
-        let c = &mut self.c;
-        if self.started {
-            c.ws();
-            if c.eat(b']') {
-                return Ok(None);
-            }
-            c.expect(b',', "expected `,` or `]`")?;
-        } else {
-            self.started = true;
-            c.expect(b'[', "expected an array")?;
-            c.ws();
-            if c.eat(b']') {
-                return Ok(None);
-            }
+        if !self.walk.next_entry(false)? {
+            return Ok(None);
         }
-        c.ws();
+        let c = &mut self.walk.c;
         let start = c.pos;
         c.value(None)?;
         Ok(Some(start..c.pos))
@@ -268,11 +230,61 @@ impl Iterator for ItemIter<'_> {
     type Item = Result<Range<usize>, JsonError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.done {
-            return None;
-        }
         let step = self.step();
-        self.done = !matches!(step, Ok(Some(_)));
+        self.walk.finish(step)
+    }
+}
+
+/// A walk over the entries of one object or array, shared by the member
+/// and item iterators; it stops for good at the end or after an error.
+struct Walk<'d> {
+    c: Cursor<'d>,
+    started: bool,
+    done: bool,
+}
+
+impl<'d> Walk<'d> {
+    fn new(c: Cursor<'d>) -> Self {
+        Self {
+            c,
+            started: false,
+            done: false,
+        }
+    }
+
+    /// Moves to the next entry (the first, unless started): past the
+    /// opening byte or the comma, and whitespace. False at the end.
+    fn next_entry(&mut self, object: bool) -> Result<bool, JsonError> {
+        if self.done {
+            return Ok(false);
+        }
+        let (open, close, not_open, not_comma) = if object {
+            (b'{', b'}', "expected an object", "expected `,` or `}`")
+        } else {
+            (b'[', b']', "expected an array", "expected `,` or `]`")
+        };
+        let c = &mut self.c;
+        if self.started {
+            c.ws();
+            if c.eat(close) {
+                return Ok(false);
+            }
+            c.expect(b',', not_comma)?;
+        } else {
+            self.started = true;
+            c.expect(open, not_open)?;
+            c.ws();
+            if c.eat(close) {
+                return Ok(false);
+            }
+        }
+        c.ws();
+        Ok(true)
+    }
+
+    /// The iterator's item for a step; the walk ends unless it gave one.
+    fn finish<T>(&mut self, step: Result<Option<T>, JsonError>) -> Option<Result<T, JsonError>> {
+        self.done |= !matches!(step, Ok(Some(_)));
         step.transpose()
     }
 }
@@ -478,17 +490,18 @@ impl Cursor<'_> {
         }
     }
 
-    /// A member's key and its colon.
-    fn key(&mut self, long: Option<&mut Vec<Range<usize>>>) -> Result<(), JsonError> {
+    /// A member's key and its colon; returns the key's span.
+    fn key(&mut self, long: Option<&mut Vec<Range<usize>>>) -> Result<Range<usize>, JsonError> {
         self.ws();
         let span = self.string()?;
         if let Some(long) = long {
             if span.len() >= LONG_STRING {
-                long.push(span);
+                long.push(span.clone());
             }
         }
         self.ws();
-        self.expect(b':', "expected `:`")
+        self.expect(b':', "expected `:`")?;
+        Ok(span)
     }
 
     /// Skips a string (validating it); returns its span, quotes included.
@@ -580,25 +593,40 @@ impl Cursor<'_> {
 /// Length of the run of bytes that need no attention inside a string (not
 /// `"`, `\` or a control character), eight bytes at a time.
 fn plain_run(b: &[u8]) -> usize {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let mut i = 0;
-    while let Some(chunk) = b.get(i..i + 8) {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(chunk);
-        let v = u64::from_le_bytes(w);
-        // Bytes < 0x20 (high bit clear and below 0x20), `"` or `\`.
-        let control = v.wrapping_sub(ONES * 0x20) & !v & HIGH;
-        if control | has_zero(v ^ (ONES * b'"' as u64)) | has_zero(v ^ (ONES * b'\\' as u64)) != 0 {
-            break;
-        }
-        i += 8;
-    }
+    let i = clean_words(b, |v| has_less(v, 0x20) | has_byte(v, b'"') | has_byte(v, b'\\'));
     i + b[i..]
         .iter()
         .take_while(|&&c| c >= 0x20 && c != b'"' && c != b'\\')
         .count()
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// Non-zero when a byte of the word `v` is below `n` (`n` <= 128). Never
+/// misses one; the caller finds which byte by itself.
+pub(crate) const fn has_less(v: u64, n: u8) -> u64 {
+    v.wrapping_sub(ONES * n as u64) & !v & HIGH
+}
+
+/// Non-zero when a byte of the word `v` equals `byte`. Never misses one.
+pub(crate) const fn has_byte(v: u64, byte: u8) -> u64 {
+    has_less(v ^ (ONES * byte as u64), 1)
+}
+
+/// Length of the leading 8-byte words of `b` in which `hit` flags no byte
+/// (a multiple of 8: the caller goes on byte by byte from there).
+pub(crate) fn clean_words(b: &[u8], hit: impl Fn(u64) -> u64) -> usize {
+    let mut i = 0;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(chunk);
+        if hit(u64::from_le_bytes(w)) != 0 {
+            break;
+        }
+        i += 8;
+    }
+    i
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! splices new URL strings into those spans: every other byte (unknown
 //! fields, number spelling, key order, whitespace) goes upstream unchanged.
 
-use super::json::{Doc, JsonError, Kind, Member};
+use super::json::{clean_words, has_byte, Doc, JsonError, Kind, Member};
 use std::borrow::Cow;
 use std::fmt;
 use std::ops::Range;
@@ -171,21 +171,10 @@ fn scan_part<'a>(
 /// part whose type is `image_url` under any JSON reading, so [`scan`] would
 /// find no image in it. One pass, eight bytes at a time.
 pub fn may_have_images(body: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
     let mut i = 0;
     while i < body.len() {
         // Skip to the next `_` or `\`.
-        while let Some(chunk) = body.get(i..i + 8) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(chunk);
-            let v = u64::from_le_bytes(w);
-            if has_zero(v ^ (ONES * u64::from(b'_'))) | has_zero(v ^ (ONES * u64::from(b'\\'))) != 0 {
-                break;
-            }
-            i += 8;
-        }
+        i += clean_words(&body[i..], |v| has_byte(v, b'_') | has_byte(v, b'\\'));
         let Some(off) = body[i..].iter().position(|&c| c == b'_' || c == b'\\') else {
             return false;
         };
