@@ -422,7 +422,7 @@ fn traffic(seed: &[u8]) -> TrafficSnapshot {
             ..TrafficSnapshot::idle()
         },
         _ => {
-            let mut record = [0u8; 80];
+            let mut record = [0u8; vlm_budget::core::traffic::STATE_BYTES];
             for (i, r) in record.iter_mut().enumerate() {
                 *r = seed
                     .get(i % seed.len().max(1))
@@ -430,7 +430,14 @@ fn traffic(seed: &[u8]) -> TrafficSnapshot {
                     .unwrap_or(0)
                     .wrapping_mul(i as u8 | 1);
             }
-            TrafficSnapshot::of(&TrafficState::decode(&record), None, 1_000_000, 10.0)
+            let margin = f64::from(seed.first().copied().unwrap_or(0)) * 8.0;
+            TrafficSnapshot::of(
+                &TrafficState::decode(&record),
+                (None, None),
+                margin,
+                1_000_000,
+                10.0,
+            )
         }
     }
 }
@@ -542,6 +549,7 @@ pub fn pipeline(data: &[u8]) {
     let ctx = RequestContext {
         traffic: &|| seen,
         slo_ms: None,
+        elapsed_ms: 0.0,
     };
     if let Ok(out) = process(body, &cfg, policy.as_ref(), &ctx, &|| 0) {
         check_outcome(body, &cfg, &out);
@@ -587,6 +595,7 @@ pub fn config(data: &[u8]) {
         let ctx = RequestContext {
             traffic: &|| seen,
             slo_ms: Some(cfg.slo_for(Some("250"))),
+            elapsed_ms: 0.0,
         };
         if let Ok(out) = process(body, &cfg, policy.as_ref(), &ctx, &|| 0) {
             check_outcome(body, &cfg, &out);

@@ -6,6 +6,7 @@ use super::dynamic::DynamicParams;
 use super::encode::{EncodeFailure, EncodeFanout};
 use super::latency::{LatencyModel, H100_ENCODE, H100_PREFILL};
 use super::policy::PolicyKind;
+use super::residual::MarginRule;
 use super::sizing::SizingRule;
 use super::transcode::{ResizeFilter, TranscodeOptions};
 use serde::Deserialize;
@@ -43,6 +44,11 @@ pub struct ProfileConfig {
     pub prefill_ms: LatencyModel,
     /// Encoder replicas serving the encode cluster.
     pub encode_replicas: u64,
+    /// Prefill/decode replicas behind the route.
+    pub pd_replicas: u64,
+    /// The filter's transcode speed before it has measured its own, ms per
+    /// input megapixel.
+    pub transcode_ms_per_mpixel: f64,
 }
 
 impl Default for ProfileConfig {
@@ -51,11 +57,14 @@ impl Default for ProfileConfig {
             encode_ms: H100_ENCODE,
             prefill_ms: H100_PREFILL,
             encode_replicas: 1,
+            pd_replicas: 1,
+            transcode_ms_per_mpixel: 25.0,
         }
     }
 }
 
-/// Online correction of the profile from observed encode times.
+/// Online correction of the profile from observed encode and
+/// forward-to-first-token times.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CalibrationConfig {
@@ -129,9 +138,15 @@ pub struct Config {
     /// Bounds of a per-request SLO given in `x-slo-ttft-ms`.
     pub slo_min_ms: u64,
     pub slo_max_ms: u64,
-    /// The budget aims at `ttft_slo_ms * slo_headroom` (0..1].
+    /// The budget aims at `ttft_slo_ms * slo_headroom` (0..1] minus the
+    /// learned margin.
     pub slo_headroom: f64,
-    /// Fixed per-request time outside encode and prefill, ms.
+    /// Share of requests with images meant to be within the SLO: the
+    /// margin is the observed-minus-predicted TTFT at this percentile.
+    pub slo_percentile: f64,
+    /// Time constant of the learned margin's memory, seconds.
+    pub correction_window_s: f64,
+    /// The margin before enough TTFT samples exist (cold start), ms.
     pub overhead_ms: f64,
     /// Encoder utilisation cap for queue stability (0..1).
     pub max_utilisation: f64,
@@ -147,6 +162,11 @@ pub struct Config {
     pub metrics_poll_ms: u64,
     /// Path of the encoders' metrics.
     pub metrics_path: String,
+    /// Envoy cluster of the prefill/decode instances whose metrics are
+    /// polled too (their queue); unset: only this proxy's own count.
+    pub pd_metrics_cluster: Option<String>,
+    /// `:authority` of that poll.
+    pub pd_metrics_authority: String,
     /// A cluster reading older than this is ignored, ms.
     pub metrics_stale_ms: u64,
 }
@@ -176,15 +196,19 @@ impl Default for Config {
             ttft_slo_ms: 1000,
             slo_min_ms: 100,
             slo_max_ms: 60_000,
-            slo_headroom: 0.9,
-            overhead_ms: 30.0,
+            slo_headroom: 1.0,
+            slo_percentile: 0.99,
+            correction_window_s: 10.0,
+            overhead_ms: 100.0,
             max_utilisation: 0.85,
             text_bytes_per_token: 4.0,
-            rate_window_s: 10.0,
+            rate_window_s: 3.0,
             profile: ProfileConfig::default(),
             calibration: CalibrationConfig::default(),
             metrics_poll_ms: 1000,
             metrics_path: "/metrics".into(),
+            pd_metrics_cluster: None,
+            pd_metrics_authority: "vlm-pd".into(),
             metrics_stale_ms: 5000,
         }
     }
@@ -215,6 +239,10 @@ fn bad(field: &str, message: impl Into<String>) -> ConfigError {
         message: message.into(),
     }
 }
+
+/// Recent TTFT samples (effective, after decay) needed before the learned
+/// margin replaces the prior `overhead_ms`.
+pub const MARGIN_MIN_SAMPLES: f64 = 3.0;
 
 /// Hard ceiling on `max_body_bytes`: a VM's linear memory is capped near
 /// 1 GiB and a rewrite holds the body about three times over.
@@ -368,6 +396,12 @@ impl Config {
         if !(self.overhead_ms.is_finite() && self.overhead_ms >= 0.0) {
             return Err(bad("overhead_ms", "must be >= 0"));
         }
+        if !(self.slo_percentile.is_finite() && (0.5..=0.9999).contains(&self.slo_percentile)) {
+            return Err(bad("slo_percentile", "must be 0.5..=0.9999"));
+        }
+        if !(self.correction_window_s.is_finite() && (0.5..=3600.0).contains(&self.correction_window_s)) {
+            return Err(bad("correction_window_s", "must be 0.5..=3600"));
+        }
         if !(self.text_bytes_per_token.is_finite() && self.text_bytes_per_token >= 0.5) {
             return Err(bad("text_bytes_per_token", "must be >= 0.5"));
         }
@@ -384,6 +418,26 @@ impl Config {
             .map_err(|e| bad("profile.prefill_ms", e.0))?;
         if !(1..=10_000).contains(&self.profile.encode_replicas) {
             return Err(bad("profile.encode_replicas", "must be 1..=10000"));
+        }
+        if !(1..=10_000).contains(&self.profile.pd_replicas) {
+            return Err(bad("profile.pd_replicas", "must be 1..=10000"));
+        }
+        let t = self.profile.transcode_ms_per_mpixel;
+        if !(t.is_finite() && (0.0..=10_000.0).contains(&t)) {
+            return Err(bad("profile.transcode_ms_per_mpixel", "must be 0..=10000"));
+        }
+        if self
+            .pd_metrics_cluster
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            return Err(bad(
+                "pd_metrics_cluster",
+                "must not be empty (omit it to poll only the encoders)",
+            ));
+        }
+        if self.pd_metrics_authority.is_empty() || self.pd_metrics_authority.contains(char::is_whitespace) {
+            return Err(bad("pd_metrics_authority", "must be a host name"));
         }
         let c = &self.calibration;
         if !(c.alpha.is_finite() && c.alpha > 0.0 && c.alpha <= 1.0) {
@@ -413,12 +467,24 @@ impl Config {
             encode: self.profile.encode_ms.clone(),
             prefill: self.profile.prefill_ms.clone(),
             encode_replicas: u32::try_from(self.profile.encode_replicas).unwrap_or(u32::MAX),
+            pd_replicas: u32::try_from(self.profile.pd_replicas).unwrap_or(u32::MAX),
             slo_headroom: self.slo_headroom,
-            overhead_ms: self.overhead_ms,
             max_utilisation: self.max_utilisation,
             min_tokens_per_image: self.min_tokens_per_image,
             text_bytes_per_token: self.text_bytes_per_token,
             fanout: self.encode_fanout,
+            epd: self.encode_cluster.is_some(),
+            transcode_prior_ms_per_mpixel: self.profile.transcode_ms_per_mpixel,
+        }
+    }
+
+    /// How the learned TTFT margin is read.
+    pub fn margin_rule(&self) -> MarginRule {
+        MarginRule {
+            percentile: self.slo_percentile,
+            window_s: self.correction_window_s,
+            min_samples: MARGIN_MIN_SAMPLES,
+            prior_ms: self.overhead_ms,
         }
     }
 

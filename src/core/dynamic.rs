@@ -1,6 +1,13 @@
 //! The traffic-aware budget: the largest visual-token total a request may
-//! keep so that its predicted time-to-first-token stays within the SLO and
-//! the encoders stay stable, split across its images by water-filling.
+//! keep so that its predicted time-to-first-token, plus the margin learned
+//! from how far observed TTFT has run above the prediction, stays within the
+//! SLO and the encoders stay stable, split across its images by
+//! water-filling.
+//!
+//! The prediction is a sum of terms, each reported
+//! (`x-vlm-ttft-terms`): the time already spent since the request arrived,
+//! the filter's own transcode, the wait for the encoder and its work, the
+//! wait at prefill/decode and the prefill.
 
 use super::encode::EncodeFanout;
 use super::latency::LatencyModel;
@@ -36,12 +43,18 @@ pub struct DynamicParams {
     pub encode: LatencyModel,
     pub prefill: LatencyModel,
     pub encode_replicas: u32,
+    pub pd_replicas: u32,
     pub slo_headroom: f64,
-    pub overhead_ms: f64,
     pub max_utilisation: f64,
     pub min_tokens_per_image: u64,
     pub text_bytes_per_token: f64,
     pub fanout: EncodeFanout,
+    /// Whether an encode cluster runs the encoder (EPD); else the
+    /// prefill/decode instance encodes the images itself.
+    pub epd: bool,
+    /// Transcode speed before this Envoy has measured its own, ms per input
+    /// megapixel.
+    pub transcode_prior_ms_per_mpixel: f64,
 }
 
 /// One request, as the solver sees it.
@@ -53,8 +66,50 @@ pub struct Demand {
     pub images: u64,
     /// Text bytes of the request.
     pub text_bytes: usize,
+    /// Megapixels of those images as sent (what a transcode decodes).
+    pub mpixels: f64,
     /// The TTFT SLO for this request, ms.
     pub slo_ms: f64,
+    /// Time since the request arrived, ms (already part of its TTFT).
+    pub elapsed_ms: f64,
+}
+
+/// The predicted TTFT of one request, term by term (ms).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Terms {
+    /// Since the request arrived, until the decision.
+    pub elapsed: f64,
+    /// The filter's own decode/resize/encode of the images over budget.
+    pub transcode: f64,
+    /// Waiting for the encoder.
+    pub encode_wait: f64,
+    /// The encoder's work for this request.
+    pub encode: f64,
+    /// Waiting at prefill/decode (the part of its backlog not yet drained
+    /// when this request gets there).
+    pub pd_wait: f64,
+    /// Prefill (with the encoder's work for a monolithic backend).
+    pub prefill: f64,
+}
+
+impl Terms {
+    /// The model's TTFT (before the learned margin).
+    pub fn total(&self) -> f64 {
+        self.elapsed + self.transcode + self.encode_wait + self.encode + self.pd_wait + self.prefill
+    }
+
+    /// The prefill/decode phase: from forwarding to the first token.
+    pub fn pd_phase(&self) -> f64 {
+        self.pd_wait + self.prefill
+    }
+
+    /// `transcode=…,encode_wait=…,…` (the `x-vlm-ttft-terms` header).
+    pub fn header(&self, margin_ms: f64) -> String {
+        format!(
+            "elapsed={:.1},transcode={:.1},encode_wait={:.1},encode={:.1},pd_wait={:.1},prefill={:.1},margin={:.1}",
+            self.elapsed, self.transcode, self.encode_wait, self.encode, self.pd_wait, self.prefill, margin_ms
+        )
+    }
 }
 
 /// The solver's answer.
@@ -63,15 +118,28 @@ pub struct Decision {
     /// Visual tokens the request may keep in total.
     pub total: u64,
     pub reason: Reason,
-    /// Predicted TTFT with `total` tokens, ms.
-    pub predicted_ttft_ms: f64,
-    /// Predicted encoder queue wait, ms.
-    pub queue_wait_ms: f64,
+    /// The prediction with `total` tokens, term by term.
+    pub terms: Terms,
+    /// The learned margin planned with, ms.
+    pub margin_ms: f64,
 }
 
 impl DynamicParams {
     fn replicas(&self) -> f64 {
         f64::from(self.encode_replicas.max(1))
+    }
+
+    fn pd_replicas(&self) -> f64 {
+        f64::from(self.pd_replicas.max(1))
+    }
+
+    /// Mean visual tokens of a recent request (or encode call).
+    fn mean_tokens(t: &TrafficSnapshot, calls_rate: f64) -> f64 {
+        if calls_rate > 1e-9 {
+            t.token_rate / calls_rate
+        } else {
+            0.0
+        }
     }
 
     /// Encoder queue wait: the larger of this proxy's own outstanding work
@@ -84,55 +152,107 @@ impl DynamicParams {
                 EncodeFanout::PerImage => t.image_rate,
                 EncodeFanout::PerRequest => t.request_rate,
             };
-            let mean_tokens = if calls_rate > 1e-9 {
-                t.token_rate / calls_rate
-            } else {
-                0.0
-            };
-            let per_call = t.calibration * self.encode.predict(mean_tokens);
+            let per_call = t.calibration * self.encode.predict(Self::mean_tokens(t, calls_rate));
             // The reading comes from one replica picked by the load balancer.
             (c.waiting + c.running).max(0.0) * self.replicas() * per_call
         });
         local.max(cluster) / self.replicas()
     }
 
-    /// Predicted TTFT of a request keeping `n` visual tokens.
-    pub fn ttft_ms(&self, n: u64, text_tokens: f64, wait_ms: f64, calibration: f64) -> f64 {
-        let n = n as f64;
-        wait_ms
-            + calibration * self.encode.predict(n)
-            + self.prefill.predict(n + text_tokens)
-            + self.overhead_ms
+    /// The prefill/decode backlog now, ms: the larger of this proxy's own
+    /// requests there without a first token (their predicted work) and the
+    /// cluster's waiting requests (at the mean prefill), over the replicas.
+    pub fn pd_backlog_ms(&self, t: &TrafficSnapshot, text_tokens: f64) -> f64 {
+        let local = t.pd_outstanding_ms.max(0.0);
+        let cluster = t.pd_cluster.map_or(0.0, |c| {
+            let mean = Self::mean_tokens(t, t.request_rate) + text_tokens;
+            c.waiting.max(0.0) * self.pd_replicas() * self.pd_work_ms(t, mean, 0.0)
+        });
+        local.max(cluster) / self.pd_replicas()
     }
 
-    /// Solves for the request's visual-token total.
-    pub fn solve(&self, d: &Demand, t: &TrafficSnapshot) -> Decision {
+    /// Prefill/decode work for a prompt of `prompt_tokens` of which
+    /// `visual` are visual tokens: the prefill, and for a monolithic backend
+    /// the encoder too.
+    pub fn pd_work_ms(&self, t: &TrafficSnapshot, prompt_tokens: f64, visual: f64) -> f64 {
+        let cal = if t.pd_calibration > 0.0 {
+            t.pd_calibration
+        } else {
+            1.0
+        };
+        let encode = if self.epd {
+            0.0
+        } else {
+            t.calibration * self.encode.predict(visual)
+        };
+        cal * self.prefill.predict(prompt_tokens) + encode
+    }
+
+    /// The transcode of a request's images, ms, when any is shrunk.
+    pub fn transcode_ms(&self, t: &TrafficSnapshot, mpixels: f64) -> f64 {
+        let speed = if t.transcode_ms_per_mpixel > 0.0 {
+            t.transcode_ms_per_mpixel
+        } else {
+            self.transcode_prior_ms_per_mpixel
+        };
+        speed * mpixels.max(0.0)
+    }
+
+    /// The prediction for a request keeping `n` of its visual tokens.
+    pub fn terms(&self, d: &Demand, n: u64, t: &TrafficSnapshot) -> Terms {
         let text_tokens = d.text_bytes as f64 / self.text_bytes_per_token.max(0.1);
-        let wait = self.queue_wait_ms(t);
+        let nf = n as f64;
+        let transcode = if n < d.original_tokens {
+            self.transcode_ms(t, d.mpixels)
+        } else {
+            0.0
+        };
+        let backlog = self.pd_backlog_ms(t, text_tokens);
+        let prefill = self.pd_work_ms(t, nf + text_tokens, nf);
+        if !self.epd {
+            return Terms {
+                elapsed: d.elapsed_ms,
+                transcode,
+                pd_wait: backlog,
+                prefill,
+                ..Terms::default()
+            };
+        }
+        let encode_wait = self.queue_wait_ms(t);
+        let cal = if t.calibration > 0.0 { t.calibration } else { 1.0 };
+        let encode = cal * self.encode.predict(nf);
+        Terms {
+            elapsed: d.elapsed_ms,
+            transcode,
+            encode_wait,
+            encode,
+            // Prefill/decode drains its backlog while this request is
+            // transcoded and encoded.
+            pd_wait: (backlog - transcode - encode_wait - encode).max(0.0),
+            prefill,
+        }
+    }
+
+    /// Solves for the request's visual-token total: the largest that the
+    /// prediction plus the learned margin keeps within the SLO, and the
+    /// encoders' utilisation cap allows.
+    pub fn solve(&self, d: &Demand, t: &TrafficSnapshot) -> Decision {
         let cal = if t.calibration > 0.0 { t.calibration } else { 1.0 };
         let original = d.original_tokens;
         let floor = (self.min_tokens_per_image.saturating_mul(d.images)).min(original);
-        let target = d.slo_ms * self.slo_headroom;
-        let slo_n = largest(floor, original, |n| {
-            self.ttft_ms(n, text_tokens, wait, cal) <= target
-        });
+        let margin = t.margin_ms.max(0.0);
+        let target = d.slo_ms * self.slo_headroom - margin;
+        let fits = |n: u64| self.terms(d, n, t).total() <= target;
+        let slo_n = largest(floor, original, fits);
         let capacity_ms = self.max_utilisation * self.replicas() * 1000.0;
-        let stab_n = if t.request_rate > 1e-9 {
-            largest(floor, original, |n| {
-                t.request_rate * cal * self.encode.predict(n as f64) <= capacity_ms
-            })
-        } else {
-            original
+        let stable = |n: u64| {
+            t.request_rate <= 1e-9 || t.request_rate * cal * self.encode.predict(n as f64) <= capacity_ms
         };
+        let stab_n = largest(floor, original, stable);
         let total = slo_n.min(stab_n);
-        let binding_fails = |n: u64| {
-            self.ttft_ms(n, text_tokens, wait, cal) > target
-                || (t.request_rate > 1e-9
-                    && t.request_rate * cal * self.encode.predict(n as f64) > capacity_ms)
-        };
         let reason = if total >= original {
             Reason::Unconstrained
-        } else if total == floor && binding_fails(floor) {
+        } else if total == floor && !(fits(floor) && stable(floor)) {
             Reason::Floor
         } else if slo_n <= stab_n {
             Reason::Slo
@@ -142,8 +262,8 @@ impl DynamicParams {
         Decision {
             total,
             reason,
-            predicted_ttft_ms: self.ttft_ms(total, text_tokens, wait, cal),
-            queue_wait_ms: wait,
+            terms: self.terms(d, total, t),
+            margin_ms: margin,
         }
     }
 }
@@ -199,12 +319,14 @@ mod tests {
             encode: H100_ENCODE,
             prefill: H100_PREFILL,
             encode_replicas: 1,
+            pd_replicas: 1,
             slo_headroom: 0.9,
-            overhead_ms: 30.0,
             max_utilisation: 0.85,
             min_tokens_per_image: 256,
             text_bytes_per_token: 4.0,
             fanout: EncodeFanout::PerImage,
+            epd: true,
+            transcode_prior_ms_per_mpixel: 0.0,
         }
     }
 
@@ -213,7 +335,9 @@ mod tests {
             original_tokens: tokens,
             images,
             text_bytes: 400,
+            mpixels: tokens as f64 * 784.0 / 1e6,
             slo_ms: 1000.0,
+            elapsed_ms: 0.0,
         }
     }
 
@@ -221,7 +345,7 @@ mod tests {
     fn no_traffic_no_resizing() {
         let d = params().solve(&demand(11_782, 1), &TrafficSnapshot::idle());
         assert_eq!((d.total, d.reason), (11_782, Reason::Unconstrained));
-        assert!(d.predicted_ttft_ms <= 900.0, "{}", d.predicted_ttft_ms);
+        assert!(d.terms.total() <= 900.0, "{}", d.terms.total());
     }
 
     #[test]
@@ -237,7 +361,7 @@ mod tests {
             assert!(d.total <= last, "backlog {backlog}: {} > {last}", d.total);
             assert!(d.total >= 256);
             if d.reason == Reason::Slo {
-                assert!(d.predicted_ttft_ms <= 900.0 + 1e-9);
+                assert!(d.terms.total() <= 900.0 + 1e-9);
             }
             last = d.total;
         }
@@ -325,5 +449,121 @@ mod tests {
         }
         assert_eq!(water_fill(&[100, 5000, 5000], 3000), vec![100, 1450, 1450]);
         assert_eq!(water_fill(&[1000, 1000, 1000], 1500), vec![500, 500, 500]);
+    }
+
+    #[test]
+    fn the_learned_margin_and_the_time_already_spent_shrink_the_budget() {
+        let p = params();
+        let t = TrafficSnapshot {
+            encode_outstanding_ms: 200.0,
+            ..TrafficSnapshot::idle()
+        };
+        let base = p.solve(&demand(11_782, 1), &t);
+        let with_margin = p.solve(
+            &demand(11_782, 1),
+            &TrafficSnapshot {
+                margin_ms: 150.0,
+                ..t
+            },
+        );
+        assert!(with_margin.total < base.total);
+        assert_eq!(with_margin.margin_ms, 150.0);
+        assert!(with_margin.terms.total() + 150.0 <= 900.0 + 1e-9);
+        let late = p.solve(
+            &Demand {
+                elapsed_ms: 150.0,
+                ..demand(11_782, 1)
+            },
+            &t,
+        );
+        assert_eq!(late.total, with_margin.total, "elapsed time counts like margin");
+        assert_eq!(late.terms.elapsed, 150.0);
+    }
+
+    #[test]
+    fn the_transcode_counts_only_when_an_image_is_shrunk() {
+        let p = DynamicParams {
+            transcode_prior_ms_per_mpixel: 30.0,
+            ..params()
+        };
+        let d = demand(11_782, 1);
+        let idle = TrafficSnapshot::idle();
+        // Idle: kept whole, so no transcode in the prediction.
+        let kept = p.solve(&d, &idle);
+        assert_eq!(kept.total, 11_782);
+        assert_eq!(kept.terms.transcode, 0.0);
+        let busy = TrafficSnapshot {
+            encode_outstanding_ms: 300.0,
+            ..idle
+        };
+        let shrunk = p.solve(&d, &busy);
+        assert!(shrunk.total < 11_782);
+        assert!((shrunk.terms.transcode - 30.0 * d.mpixels).abs() < 1e-9);
+        // A measured speed replaces the prior, and a slower one costs tokens.
+        let slow = p.solve(
+            &d,
+            &TrafficSnapshot {
+                transcode_ms_per_mpixel: 60.0,
+                ..busy
+            },
+        );
+        assert!((slow.terms.transcode - 60.0 * d.mpixels).abs() < 1e-9);
+        assert!(slow.total < shrunk.total);
+    }
+
+    #[test]
+    fn prefill_backlog_counts_after_what_drains_during_encoding() {
+        let p = params();
+        let d = demand(11_782, 1);
+        let pd = |ms: f64| TrafficSnapshot {
+            pd_outstanding_ms: ms,
+            pd_pending: 3,
+            ..TrafficSnapshot::idle()
+        };
+        // A small PD backlog drains while the request is encoded.
+        let small = p.terms(&d, 4000, &pd(50.0));
+        assert_eq!(small.pd_wait, 0.0);
+        // A large one does not.
+        let large = p.terms(&d, 4000, &pd(2000.0));
+        assert!((large.pd_wait - (2000.0 - large.encode)).abs() < 1e-9);
+        assert!(p.solve(&d, &pd(2000.0)).total < p.solve(&d, &pd(0.0)).total);
+        // More PD backlog never gives a bigger budget.
+        let mut last = u64::MAX;
+        for ms in (0..3000).step_by(100) {
+            let n = p.solve(&d, &pd(f64::from(ms))).total;
+            assert!(n <= last);
+            last = n;
+        }
+        // The PD cluster's own queue counts too, at the mean prefill.
+        let cluster = TrafficSnapshot {
+            pd_cluster: Some(ClusterSignal {
+                waiting: 10.0,
+                running: 4.0,
+                updated_us: 1,
+            }),
+            request_rate: 4.0,
+            token_rate: 16_000.0,
+            ..TrafficSnapshot::idle()
+        };
+        let b = p.pd_backlog_ms(&cluster, 100.0);
+        assert!((b - 10.0 * p.prefill.predict(4100.0)).abs() < 1e-6, "{b}");
+    }
+
+    #[test]
+    fn a_monolithic_backend_encodes_at_prefill() {
+        let p = DynamicParams {
+            epd: false,
+            ..params()
+        };
+        let t = TrafficSnapshot {
+            pd_outstanding_ms: 300.0,
+            pd_calibration: 2.0,
+            ..TrafficSnapshot::idle()
+        };
+        let terms = p.terms(&demand(4000, 1), 4000, &t);
+        assert_eq!((terms.encode_wait, terms.encode), (0.0, 0.0));
+        assert_eq!(terms.pd_wait, 300.0);
+        let want = 2.0 * p.prefill.predict(4100.0) + p.encode.predict(4000.0);
+        assert!((terms.prefill - want).abs() < 1e-9);
     }
 }

@@ -13,6 +13,8 @@ pub mod policy;
 pub mod probe;
 pub mod prometheus;
 pub mod request;
+pub mod residual;
 pub mod sizing;
+pub mod sse;
 pub mod traffic;
 pub mod transcode;

@@ -9,7 +9,7 @@ use super::base64buf::{encode_into, Base64Payload};
 use super::config::Config;
 use super::datauri::{self, DataUriError, ImageUrl};
 use super::error::{FilterError, ImageErrorKind};
-use super::policy::{BudgetPolicy, PolicyInput, PolicyKind};
+use super::policy::{BudgetPolicy, PolicyInput, PolicyKind, Prediction};
 use super::probe::{probe, ImageFormat, ImageHeader, ProbeError};
 use super::request::{may_have_images, scan, splice, RequestError};
 use super::sizing::Dims;
@@ -55,8 +55,10 @@ pub struct Outcome {
     pub budget_tokens: u64,
     /// Why the budget is what it is (dynamic policy).
     pub reason: Option<&'static str>,
-    /// Predicted TTFT, ms (dynamic policy).
-    pub predicted_ttft_ms: Option<f64>,
+    /// The predicted TTFT (dynamic policy).
+    pub prediction: Option<Prediction>,
+    /// Bytes of text in the request (0 when it was not parsed).
+    pub text_bytes: usize,
 }
 
 /// What the request's surroundings tell the policy.
@@ -68,6 +70,8 @@ pub struct RequestContext<'a> {
     pub traffic: &'a dyn Fn() -> TrafficSnapshot,
     /// SLO from `x-slo-ttft-ms`, already bounded.
     pub slo_ms: Option<f64>,
+    /// Time since the request arrived, ms.
+    pub elapsed_ms: f64,
 }
 
 impl Default for RequestContext<'static> {
@@ -76,6 +80,7 @@ impl Default for RequestContext<'static> {
         Self {
             traffic: &TrafficSnapshot::idle,
             slo_ms: None,
+            elapsed_ms: 0.0,
         }
     }
 }
@@ -89,7 +94,8 @@ impl Outcome {
             policy,
             budget_tokens: 0,
             reason: None,
-            predicted_ttft_ms: None,
+            prediction: None,
+            text_bytes: 0,
         }
     }
 
@@ -105,6 +111,17 @@ impl Outcome {
             .filter(|i| matches!(i.action, ImageAction::Resized { .. }))
             .count()
     }
+    /// Megapixels of the images that were shrunk, as sent.
+    pub fn resized_mpixels(&self) -> f64 {
+        self.images
+            .iter()
+            .map(|i| match i.action {
+                ImageAction::Resized { from, .. } => from.width as f64 * from.height as f64 / 1e6,
+                _ => 0.0,
+            })
+            .sum()
+    }
+
     pub fn transcode_micros(&self) -> u64 {
         self.images
             .iter()
@@ -174,11 +191,19 @@ pub fn process(
     } else {
         TrafficSnapshot::idle()
     };
+    let mpixels = located
+        .iter()
+        .filter(|l| l.tokens.is_some())
+        .filter_map(|l| l.data.as_ref())
+        .map(|(_, h)| f64::from(h.width) * f64::from(h.height) / 1e6)
+        .sum();
     let budgets = policy.budgets(&PolicyInput {
         image_tokens: &tokens,
         text_bytes: req.text_bytes,
         traffic: &traffic,
         slo_ms: ctx.slo_ms,
+        mpixels,
+        elapsed_ms: ctx.elapsed_ms,
     });
     let opts = cfg.transcode_options();
     let mut edits = Vec::new();
@@ -260,7 +285,8 @@ pub fn process(
         policy: policy.kind(),
         budget_tokens: budgets.reported,
         reason: budgets.reason,
-        predicted_ttft_ms: budgets.predicted_ttft_ms,
+        prediction: budgets.prediction,
+        text_bytes: req.text_bytes,
     })
 }
 

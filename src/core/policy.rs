@@ -5,7 +5,7 @@
 //! nothing else in the filter changes.
 
 use super::config::Config;
-use super::dynamic::{water_fill, Demand, DynamicParams};
+use super::dynamic::{water_fill, Demand, DynamicParams, Terms};
 use super::traffic::TrafficSnapshot;
 use serde::Deserialize;
 
@@ -40,6 +40,10 @@ pub struct PolicyInput<'a> {
     pub image_tokens: &'a [Option<u64>],
     /// Bytes of text in the request.
     pub text_bytes: usize,
+    /// Megapixels of the sizable images as sent.
+    pub mpixels: f64,
+    /// Time since the request arrived, ms.
+    pub elapsed_ms: f64,
     /// Live traffic (idle for policies that ignore it).
     pub traffic: &'a TrafficSnapshot,
     /// This request's TTFT SLO in ms (already bounded), if it set one.
@@ -55,8 +59,17 @@ pub struct Budgets {
     pub reported: u64,
     /// Why (dynamic policy only).
     pub reason: Option<&'static str>,
-    /// Predicted TTFT in ms (dynamic policy only).
-    pub predicted_ttft_ms: Option<f64>,
+    /// The predicted TTFT (dynamic policy only).
+    pub prediction: Option<Prediction>,
+}
+
+/// The dynamic policy's TTFT prediction for the forwarded request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Prediction {
+    /// The model's terms (their sum is the prediction before correction).
+    pub terms: Terms,
+    /// The learned margin it planned with, ms.
+    pub margin_ms: f64,
 }
 
 impl Budgets {
@@ -65,7 +78,7 @@ impl Budgets {
             per_image,
             reported,
             reason: None,
-            predicted_ttft_ms: None,
+            prediction: None,
         }
     }
 }
@@ -136,7 +149,9 @@ impl BudgetPolicy for Dynamic {
             original_tokens: sizable.iter().sum(),
             images: sizable.len() as u64,
             text_bytes: input.text_bytes,
+            mpixels: input.mpixels,
             slo_ms: input.slo_ms.unwrap_or(self.slo_ms),
+            elapsed_ms: input.elapsed_ms,
         };
         let decision = self.params.solve(&demand, input.traffic);
         let mut shares = water_fill(&sizable, decision.total).into_iter();
@@ -150,7 +165,10 @@ impl BudgetPolicy for Dynamic {
             per_image,
             reported,
             reason: Some(decision.reason.name()),
-            predicted_ttft_ms: Some(decision.predicted_ttft_ms),
+            prediction: Some(Prediction {
+                terms: decision.terms,
+                margin_ms: decision.margin_ms,
+            }),
         }
     }
 }
@@ -184,6 +202,8 @@ mod tests {
             traffic: &idle,
             slo_ms: None,
             text_bytes: 0,
+            mpixels: 9.0,
+            elapsed_ms: 0.0,
         };
         let s = Static {
             tokens_per_image: 4096,
@@ -203,6 +223,7 @@ mod tests {
     fn dynamic_water_fills_sizable_images_only() {
         let cfg = Config {
             policy: PolicyKind::Dynamic,
+            encode_cluster: Some("encode".into()),
             ..Config::default()
         };
         let policy = from_config(&cfg);
@@ -214,6 +235,8 @@ mod tests {
         let b = policy.budgets(&PolicyInput {
             image_tokens: &tokens,
             text_bytes: 100,
+            mpixels: 9.0,
+            elapsed_ms: 0.0,
             traffic: &busy,
             slo_ms: None,
         });
@@ -227,6 +250,8 @@ mod tests {
         let tight = policy.budgets(&PolicyInput {
             image_tokens: &tokens,
             text_bytes: 100,
+            mpixels: 9.0,
+            elapsed_ms: 0.0,
             traffic: &busy,
             slo_ms: Some(700.0),
         });
@@ -236,6 +261,8 @@ mod tests {
         let b = policy.budgets(&PolicyInput {
             image_tokens: &tokens,
             text_bytes: 100,
+            mpixels: 9.0,
+            elapsed_ms: 0.0,
             traffic: &idle,
             slo_ms: None,
         });

@@ -1,6 +1,6 @@
 //! Traffic state shared by every worker of an Envoy: requests in flight,
-//! predicted encode work outstanding, arrival-rate estimates and the
-//! latency calibration factor. The host keeps it in proxy-wasm shared data
+//! predicted encode and prefill work outstanding, arrival-rate estimates,
+//! the latency calibration factors and the filter's own transcode speed. The host keeps it in proxy-wasm shared data
 //! (one key, updated with compare-and-swap); this module is its pure
 //! state and arithmetic.
 
@@ -22,22 +22,39 @@ pub struct TrafficState {
     pub calibration: f64,
     /// Encode observations folded into `calibration`.
     pub calibration_samples: u64,
+    /// Requests with images forwarded to prefill/decode whose first token
+    /// has not come back yet (queued or in prefill there).
+    pub pd_pending: i64,
+    /// Their predicted prefill work, microseconds of GPU time.
+    pub pd_outstanding_us: i64,
+    /// Multiplicative correction of the prefill side (1 = as profiled):
+    /// forward-to-first-token observed against predicted.
+    pub pd_calibration: f64,
+    pub pd_calibration_samples: u64,
+    /// This Envoy's measured transcode speed, ms per input megapixel
+    /// (0 = not measured yet: the prior is used).
+    pub transcode_ms_per_mpixel: f64,
+    pub transcode_samples: u64,
 }
 
 /// Serialised size of [`TrafficState`].
-pub const STATE_BYTES: usize = 80;
+pub const STATE_BYTES: usize = 128;
+
+/// Weight of one transcode observation in the speed estimate.
+const TRANSCODE_ALPHA: f64 = 0.2;
 
 impl TrafficState {
     pub fn initial() -> Self {
         Self {
             calibration: 1.0,
+            pd_calibration: 1.0,
             ..Self::default()
         }
     }
 
     pub fn encode(&self) -> [u8; STATE_BYTES] {
         let mut out = [0u8; STATE_BYTES];
-        let fields: [[u8; 8]; 10] = [
+        let fields: [[u8; 8]; 16] = [
             self.encode_inflight.to_le_bytes(),
             self.pd_inflight.to_le_bytes(),
             self.encode_outstanding_us.to_le_bytes(),
@@ -47,6 +64,12 @@ impl TrafficState {
             self.rates_at_us.to_le_bytes(),
             self.calibration.to_le_bytes(),
             self.calibration_samples.to_le_bytes(),
+            self.pd_pending.to_le_bytes(),
+            self.pd_outstanding_us.to_le_bytes(),
+            self.pd_calibration.to_le_bytes(),
+            self.pd_calibration_samples.to_le_bytes(),
+            self.transcode_ms_per_mpixel.to_le_bytes(),
+            self.transcode_samples.to_le_bytes(),
             [0u8; 8],
         ];
         for (chunk, f) in out.chunks_exact_mut(8).zip(fields) {
@@ -74,7 +97,14 @@ impl TrafficState {
                 0.0
             }
         };
-        let calibration = f(7);
+        let factor = |i: usize| {
+            let v = f(i);
+            if v > 0.0 {
+                v
+            } else {
+                1.0
+            }
+        };
         Self {
             encode_inflight: i64::from_le_bytes(word(0)),
             pd_inflight: i64::from_le_bytes(word(1)),
@@ -83,8 +113,14 @@ impl TrafficState {
             image_rate: f(4),
             token_rate: f(5),
             rates_at_us: u64::from_le_bytes(word(6)),
-            calibration: if calibration > 0.0 { calibration } else { 1.0 },
+            calibration: factor(7),
             calibration_samples: u64::from_le_bytes(word(8)),
+            pd_pending: i64::from_le_bytes(word(9)),
+            pd_outstanding_us: i64::from_le_bytes(word(10)),
+            pd_calibration: factor(11),
+            pd_calibration_samples: u64::from_le_bytes(word(12)),
+            transcode_ms_per_mpixel: f(13).max(0.0),
+            transcode_samples: u64::from_le_bytes(word(14)),
         }
     }
 
@@ -120,6 +156,31 @@ impl TrafficState {
         let ratio = (observed_ms / predicted_ms).clamp(0.25, 4.0);
         self.calibration = (self.calibration * ratio.powf(alpha)).clamp(min, max);
         self.calibration_samples += 1;
+    }
+
+    /// The same for the prefill side's factor.
+    pub fn calibrate_pd(&mut self, observed_ms: f64, predicted_ms: f64, alpha: f64, min: f64, max: f64) {
+        if !(observed_ms > 0.0 && predicted_ms > 0.0) {
+            return;
+        }
+        let ratio = (observed_ms / predicted_ms).clamp(0.25, 4.0);
+        self.pd_calibration = (self.pd_calibration * ratio.powf(alpha)).clamp(min, max);
+        self.pd_calibration_samples += 1;
+    }
+
+    /// Folds one measured transcode (`ms` for `mpixels` input megapixels)
+    /// into the speed estimate; the first one replaces the prior.
+    pub fn record_transcode(&mut self, ms: f64, mpixels: f64) {
+        if !(ms >= 0.0 && mpixels > 0.01 && ms.is_finite()) {
+            return;
+        }
+        let speed = ms / mpixels;
+        self.transcode_ms_per_mpixel = if self.transcode_samples == 0 || self.transcode_ms_per_mpixel <= 0.0 {
+            speed
+        } else {
+            self.transcode_ms_per_mpixel + TRANSCODE_ALPHA * (speed - self.transcode_ms_per_mpixel)
+        };
+        self.transcode_samples += 1;
     }
 }
 
@@ -179,13 +240,25 @@ pub struct TrafficSnapshot {
     pub pd_inflight: u64,
     /// Predicted encode work in flight (ms of GPU time, calibrated).
     pub encode_outstanding_ms: f64,
+    /// Requests at prefill/decode still waiting for their first token, and
+    /// their predicted prefill work (ms).
+    pub pd_pending: u64,
+    pub pd_outstanding_ms: f64,
     /// Arrivals per second.
     pub request_rate: f64,
     pub image_rate: f64,
     pub token_rate: f64,
     /// The encode cluster's queue, when a fresh reading exists.
     pub cluster: Option<ClusterSignal>,
+    /// The prefill/decode cluster's queue, when a fresh reading exists.
+    pub pd_cluster: Option<ClusterSignal>,
     pub calibration: f64,
+    pub pd_calibration: f64,
+    /// Measured transcode speed, ms per input megapixel (0: none yet).
+    pub transcode_ms_per_mpixel: f64,
+    /// The learned TTFT margin (observed above predicted at the target
+    /// percentile), ms.
+    pub margin_ms: f64,
 }
 
 impl TrafficSnapshot {
@@ -193,21 +266,36 @@ impl TrafficSnapshot {
     pub fn idle() -> Self {
         Self {
             calibration: 1.0,
+            pd_calibration: 1.0,
             ..Self::default()
         }
     }
 
-    pub fn of(state: &TrafficState, cluster: Option<ClusterSignal>, now_us: u64, window_s: f64) -> Self {
+    /// The state at `now_us`, with the fresh cluster readings (encode, PD)
+    /// and the learned margin.
+    pub fn of(
+        state: &TrafficState,
+        clusters: (Option<ClusterSignal>, Option<ClusterSignal>),
+        margin_ms: f64,
+        now_us: u64,
+        window_s: f64,
+    ) -> Self {
         let (request_rate, image_rate, token_rate) = state.rates_at(now_us, window_s);
         Self {
             encode_inflight: state.encode_inflight.max(0) as u64,
             pd_inflight: state.pd_inflight.max(0) as u64,
             encode_outstanding_ms: state.encode_outstanding_us.max(0) as f64 / 1000.0,
+            pd_pending: state.pd_pending.max(0) as u64,
+            pd_outstanding_ms: state.pd_outstanding_us.max(0) as f64 / 1000.0,
             request_rate,
             image_rate,
             token_rate,
-            cluster,
+            cluster: clusters.0,
+            pd_cluster: clusters.1,
             calibration: state.calibration,
+            pd_calibration: state.pd_calibration,
+            transcode_ms_per_mpixel: state.transcode_ms_per_mpixel,
+            margin_ms,
         }
     }
 }
@@ -224,7 +312,12 @@ mod tests {
         s.encode_outstanding_us = 123_456;
         s.record_arrival(5_000_000, 2, 8000, 10.0);
         s.calibrate(150.0, 100.0, 0.5, 0.25, 4.0);
+        s.calibrate_pd(80.0, 100.0, 0.5, 0.25, 4.0);
+        s.pd_pending = 2;
+        s.pd_outstanding_us = 90_000;
+        s.record_transcode(60.0, 2.0);
         assert_eq!(TrafficState::decode(&s.encode()), s);
+        assert_eq!(TrafficState::decode(&[0u8; STATE_BYTES]).pd_calibration, 1.0);
         assert_eq!(TrafficState::decode(b"short"), TrafficState::initial());
         let c = ClusterSignal {
             waiting: 4.0,
@@ -264,5 +357,30 @@ mod tests {
         assert_eq!(s.calibration, 3.0);
         s.calibrate(0.0, 1.0, 0.5, 0.5, 3.0); // ignored
         assert_eq!(s.calibration, 3.0);
+    }
+
+    #[test]
+    fn transcode_speed_starts_from_the_first_sample_and_follows() {
+        let mut s = TrafficState::initial();
+        s.record_transcode(10.0, 0.0); // no pixels: ignored
+        s.record_transcode(f64::NAN, 1.0);
+        assert_eq!(s.transcode_samples, 0);
+        s.record_transcode(60.0, 2.0);
+        assert_eq!(s.transcode_ms_per_mpixel, 30.0);
+        for _ in 0..40 {
+            s.record_transcode(20.0, 2.0);
+        }
+        assert!(
+            (s.transcode_ms_per_mpixel - 10.0).abs() < 0.1,
+            "{}",
+            s.transcode_ms_per_mpixel
+        );
+        let mut p = TrafficState::initial();
+        for _ in 0..60 {
+            let predicted = 100.0 * p.pd_calibration;
+            p.calibrate_pd(200.0, predicted, 0.2, 0.5, 4.0);
+        }
+        assert!((p.pd_calibration - 2.0).abs() < 0.02, "{}", p.pd_calibration);
+        assert_eq!(p.calibration, 1.0, "the encode factor is separate");
     }
 }

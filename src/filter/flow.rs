@@ -1,6 +1,11 @@
 //! Request state machine: headers → buffer body → process → (encode) →
-//! forward, with every traffic counter the request raises released on
-//! every path (answer, error, timeout, client reset) by `on_done`.
+//! forward → response headers → (first streamed token), with every traffic
+//! counter the request raises released on every path (answer, error,
+//! timeout, client reset) by `on_done`.
+//!
+//! A request with images is timed from its arrival to the first token
+//! prefill/decode sends back; that time, against the dynamic policy's
+//! prediction, is what the policy learns its margin from.
 
 use super::host::{Counter, EncodeCall, GaugeSet, HttpHost, Services};
 use crate::core::config::Config;
@@ -8,8 +13,10 @@ use crate::core::dynamic::DynamicParams;
 use crate::core::encode::{encode_requests, EncodeFailure};
 use crate::core::error::FilterError;
 use crate::core::pipeline::{process, ImageAction, Outcome, RequestContext};
-use crate::core::policy::{self, BudgetPolicy, PolicyKind};
-use crate::core::traffic::{TrafficSnapshot, TrafficState};
+use crate::core::policy::{self, BudgetPolicy, PolicyKind, Prediction};
+use crate::core::residual::MarginRule;
+use crate::core::sse::FirstToken;
+use crate::core::traffic::{ClusterSignal, TrafficSnapshot, TrafficState};
 use std::cell::Cell;
 use std::rc::Rc;
 
@@ -26,24 +33,39 @@ pub struct Shared {
     pub policy: Box<dyn BudgetPolicy>,
     /// Latency predictions for the traffic counters (any policy).
     pub params: DynamicParams,
+    /// How the learned TTFT margin is read.
+    pub margin: MarginRule,
 }
 
 impl Shared {
     pub fn new(config: Config) -> Self {
         let policy = policy::from_config(&config);
         let params = config.dynamic_params();
+        let margin = config.margin_rule();
         Self {
             config,
             policy,
             params,
+            margin,
         }
     }
 
     /// The traffic as a request arriving now sees it.
     pub fn snapshot(&self, svc: &dyn Services, now_us: u64) -> TrafficSnapshot {
         let cfg = &self.config;
-        let cluster = svc.cluster().filter(|c| c.fresh(now_us, cfg.metrics_stale_ms));
-        TrafficSnapshot::of(&svc.state(), cluster, now_us, cfg.rate_window_s)
+        let fresh = |c: Option<ClusterSignal>| c.filter(|c| c.fresh(now_us, cfg.metrics_stale_ms));
+        let pd = cfg
+            .pd_metrics_cluster
+            .as_ref()
+            .and_then(|_| fresh(svc.pd_cluster()));
+        let margin = self.margin.margin_ms(&svc.residuals(), now_us);
+        TrafficSnapshot::of(
+            &svc.state(),
+            (fresh(svc.cluster()), pd),
+            margin,
+            now_us,
+            cfg.rate_window_s,
+        )
     }
 }
 
@@ -55,10 +77,39 @@ enum State {
     Buffering,
     /// Waiting for the encode cluster before forwarding to PD.
     Encoding(Encoding),
-    /// Processed: report to add to the response.
-    Done(Report),
+    /// Forwarded to prefill/decode: the report goes on the response.
+    Forwarded(Report),
+    /// A streamed answer: waiting for its first token.
+    Streaming(FirstToken),
+    /// Answered; nothing more to do.
+    Answered,
     /// A local error reply was sent.
     Replied,
+}
+
+/// What is known, when a request with images goes on to prefill/decode,
+/// to time it against.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Timed {
+    /// Visual tokens forwarded.
+    tokens: u64,
+    /// The dynamic policy's prediction.
+    prediction: Option<Prediction>,
+    /// Predicted prefill/decode work of the request (µs).
+    pd_work_us: i64,
+    /// The encode calls failed and PD encodes itself: not what was
+    /// predicted, so no sample.
+    fallback: bool,
+}
+
+/// A request with images at prefill/decode, waiting for its first token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Watch {
+    timed: Timed,
+    forwarded_us: u64,
+    /// Predicted forward-to-first-token time, ms (the PD backlog it found
+    /// plus its own work).
+    pd_predicted_ms: f64,
 }
 
 /// Response headers for a processed request.
@@ -80,6 +131,8 @@ struct Encoding {
     started_us: u64,
     /// Predicted duration of the encode phase (queue wait + service), ms.
     predicted_ms: f64,
+    /// What to time the request against once forwarded.
+    timed: Timed,
 }
 
 /// Traffic counters this request holds, released exactly once.
@@ -88,6 +141,10 @@ struct Held {
     encode_calls: i64,
     encode_work_us: i64,
     pd: bool,
+    /// At prefill/decode without a first token yet, with this much
+    /// predicted work.
+    pd_pending: bool,
+    pd_work_us: i64,
 }
 
 pub const HEADER_POLICY: &str = "x-vlm-policy";
@@ -102,6 +159,8 @@ pub const HEADER_ENCODE: &str = "x-vlm-encode";
 pub const HEADER_ENCODE_MS: &str = "x-vlm-encode-ms";
 pub const HEADER_ENCODE_CALLS: &str = "x-vlm-encode-calls";
 pub const HEADER_PREDICTED_TTFT: &str = "x-vlm-predicted-ttft-ms";
+pub const HEADER_MARGIN: &str = "x-vlm-ttft-margin-ms";
+pub const HEADER_TERMS: &str = "x-vlm-ttft-terms";
 pub const HEADER_REASON: &str = "x-vlm-budget-reason";
 pub const HEADER_SLO: &str = "x-slo-ttft-ms";
 pub const REQUEST_ID: &str = "x-request-id";
@@ -112,7 +171,10 @@ pub struct RequestFilter {
     state: State,
     request_id: Option<String>,
     slo_ms: Option<f64>,
+    /// When the request's headers arrived (µs).
+    arrived_us: u64,
     held: Held,
+    watch: Option<Watch>,
 }
 
 impl RequestFilter {
@@ -122,7 +184,9 @@ impl RequestFilter {
             state: State::Bypass,
             request_id: None,
             slo_ms: None,
+            arrived_us: 0,
             held: Held::default(),
+            watch: None,
         }
     }
 
@@ -140,6 +204,7 @@ impl RequestFilter {
             return Verdict::Continue;
         }
         svc.add(Counter::Requests, 1);
+        self.arrived_us = host.now_micros();
         // A declared length over the limit is refused before Envoy buffers it.
         let declared = headers
             .get("content-length")
@@ -210,9 +275,11 @@ impl RequestFilter {
             seen.set(Some(t));
             t
         };
+        let decided_us = host.now_micros();
         let ctx = RequestContext {
             traffic: &traffic,
             slo_ms: self.slo_ms,
+            elapsed_ms: decided_us.saturating_sub(self.arrived_us) as f64 / 1000.0,
         };
         let clock = || host.now_micros();
         let outcome = match process(&body, cfg, shared.policy.as_ref(), &ctx, &clock) {
@@ -221,7 +288,7 @@ impl RequestFilter {
         };
         if outcome.images.is_empty() {
             // Text only: nothing to report to the traffic state.
-            return self.forward(svc, report_of(&outcome), false);
+            return self.forward(host, svc, report_of(&outcome), None);
         }
         if let Some(new_body) = &outcome.body {
             host.replace_request_body(body_size, new_body);
@@ -230,27 +297,74 @@ impl RequestFilter {
         let report = report_of(&outcome);
         let images = outcome.images.len() as u64;
         let tokens = outcome.tokens_after();
-        let final_body = outcome.body.unwrap_or(body);
-        let now = host.now_micros();
         let window = cfg.rate_window_s;
-        let state = svc.update(&mut |s| s.record_arrival(now, images, tokens, window));
-        svc.publish(&state, GaugeSet::RATES);
+        let (transcode_ms, resized_mpixels) = (
+            outcome.transcode_micros() as f64 / 1000.0,
+            outcome.resized_mpixels(),
+        );
+        let state = svc.update(&mut |s| {
+            s.record_arrival(decided_us, images, tokens, window);
+            s.record_transcode(transcode_ms, resized_mpixels);
+        });
+        svc.publish(&state, GaugeSet::RATES.with(GaugeSet::CALIBRATION));
+        // The prefill/decode work this request brings, by the factors now.
+        let factors = TrafficSnapshot {
+            calibration: state.calibration,
+            pd_calibration: state.pd_calibration,
+            ..TrafficSnapshot::idle()
+        };
+        let text_tokens = outcome.text_bytes as f64 / cfg.text_bytes_per_token;
+        let pd_work_ms = shared
+            .params
+            .pd_work_ms(&factors, tokens as f64 + text_tokens, tokens as f64);
+        let timed = Timed {
+            tokens,
+            prediction: outcome.prediction,
+            pd_work_us: (pd_work_ms * 1000.0) as i64,
+            fallback: false,
+        };
+        let final_body = outcome.body.unwrap_or(body);
         if cfg.encode_cluster.is_none() {
-            return self.forward(svc, report, true);
+            return self.forward(host, svc, report, Some(timed));
         }
-        let traffic = seen.get().unwrap_or_else(|| shared.snapshot(svc, now));
-        self.start_encoding(host, svc, &final_body, report, tokens, &traffic)
+        let traffic = seen.get().unwrap_or_else(|| shared.snapshot(svc, decided_us));
+        self.start_encoding(host, svc, &final_body, report, &traffic, timed)
     }
 
-    /// The request continues to prefill/decode; a request with images
-    /// counts as in flight there until it is done.
-    fn forward(&mut self, svc: &dyn Services, report: Report, images: bool) -> Verdict {
-        self.state = State::Done(report);
-        if images && !self.held.pd {
-            self.held.pd = true;
-            let state = svc.update(&mut |s| s.pd_inflight += 1);
-            svc.publish(&state, GaugeSet::PD);
+    /// The request continues to prefill/decode. A request with images
+    /// (`timed`) counts as in flight there until it is done, and as pending
+    /// (with its predicted work) until its first token.
+    fn forward(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        report: Report,
+        timed: Option<Timed>,
+    ) -> Verdict {
+        self.state = State::Forwarded(report);
+        let Some(timed) = timed else {
+            return Verdict::Continue;
+        };
+        if self.held.pd {
+            return Verdict::Continue;
         }
+        let work = timed.pd_work_us.max(0);
+        self.held.pd = true;
+        self.held.pd_pending = true;
+        self.held.pd_work_us = work;
+        let state = svc.update(&mut |s| {
+            s.pd_inflight += 1;
+            s.pd_pending += 1;
+            s.pd_outstanding_us += work;
+        });
+        svc.publish(&state, GaugeSet::PD);
+        let backlog_ms = (state.pd_outstanding_us - work).max(0) as f64 / 1000.0;
+        self.watch = Some(Watch {
+            timed,
+            forwarded_us: host.now_micros(),
+            pd_predicted_ms: backlog_ms / f64::from(self.shared.params.pd_replicas.max(1))
+                + work as f64 / 1000.0,
+        });
         Verdict::Continue
     }
 
@@ -261,16 +375,16 @@ impl RequestFilter {
         svc: &dyn Services,
         body: &[u8],
         report: Report,
-        tokens: u64,
         traffic: &TrafficSnapshot,
+        timed: Timed,
     ) -> Verdict {
         let bodies = match encode_requests(body, self.shared.config.encode_fanout) {
             Ok(b) if !b.is_empty() => b,
             // The body was just parsed, so this cannot fail; forward as is.
-            _ => return self.forward(svc, report, true),
+            _ => return self.forward(host, svc, report, Some(timed)),
         };
         let params = &self.shared.params;
-        let work_ms = traffic.calibration * params.encode.predict(tokens as f64);
+        let work_ms = traffic.calibration * params.encode.predict(timed.tokens as f64);
         let work_us = (work_ms * 1000.0) as i64;
         self.held.encode_work_us = work_us;
         let state = svc.update(&mut |s| s.encode_outstanding_us += work_us);
@@ -283,6 +397,7 @@ impl RequestFilter {
             calls: 0,
             started_us: host.now_micros(),
             predicted_ms: params.queue_wait_ms(traffic) + work_ms,
+            timed,
         };
         for index in 0..enc.bodies.len() {
             self.send(host, svc, &mut enc, index, 0);
@@ -408,25 +523,132 @@ impl RequestFilter {
         report.headers.push((HEADER_ENCODE, outcome.to_string()));
         report.headers.push((HEADER_ENCODE_MS, elapsed_ms.to_string()));
         report.headers.push((HEADER_ENCODE_CALLS, enc.calls.to_string()));
-        let verdict = self.forward(svc, report, true);
+        let timed = Timed {
+            fallback: !enc.failed.is_empty(),
+            ..enc.timed
+        };
+        let verdict = self.forward(host, svc, report, Some(timed));
         if resume {
             host.resume_request();
         }
         verdict
     }
 
-    pub fn on_response_headers(&mut self, host: &mut dyn HttpHost) -> Verdict {
-        if let State::Done(report) = &self.state {
-            for (name, value) in &report.headers {
-                host.add_response_header(name, value);
-            }
+    /// The answer's headers: the report goes on them; a request with images
+    /// is timed to here (non-streamed answer) or to its first streamed
+    /// token. An answer that is not 2xx gives no sample.
+    pub fn on_response_headers(&mut self, host: &mut dyn HttpHost, svc: &dyn Services) -> Verdict {
+        let State::Forwarded(report) = std::mem::replace(&mut self.state, State::Answered) else {
+            return Verdict::Continue;
+        };
+        for (name, value) in &report.headers {
+            host.add_response_header(name, value);
+        }
+        if self.watch.is_none() {
+            return Verdict::Continue;
+        }
+        let headers = host.response_headers();
+        let ok = headers.get(":status").is_some_and(|s| s.starts_with('2'));
+        let streamed = headers
+            .get("content-type")
+            .is_some_and(|c| c.trim_start().starts_with("text/event-stream"));
+        if !ok {
+            self.watch = None;
+            self.release_pending(svc, None);
+        } else if streamed {
+            self.state = State::Streaming(FirstToken::default());
+        } else {
+            self.first_token(host, svc);
         }
         Verdict::Continue
+    }
+
+    /// A piece of a streamed answer: looks for its first token. A stream
+    /// that ends without one gives no sample.
+    pub fn on_response_body(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Verdict {
+        let State::Streaming(scan) = &mut self.state else {
+            return Verdict::Continue;
+        };
+        let found = host.response_body(body_size).is_some_and(|b| scan.feed(&b));
+        if found {
+            self.state = State::Answered;
+            self.first_token(host, svc);
+        } else if end_of_stream {
+            self.state = State::Answered;
+            self.watch = None;
+            self.release_pending(svc, None);
+        }
+        Verdict::Continue
+    }
+
+    /// The first token is here: the request's TTFT is measured, its
+    /// prefill/decode work leaves the pending backlog, and the dynamic
+    /// policy learns from how far the prediction was off.
+    fn first_token(&mut self, host: &mut dyn HttpHost, svc: &dyn Services) {
+        let Some(watch) = self.watch.take() else {
+            return;
+        };
+        if watch.timed.fallback {
+            self.release_pending(svc, None);
+            return;
+        }
+        let now = host.now_micros();
+        let cfg = &self.shared.config;
+        let observed = now.saturating_sub(self.arrived_us) as f64 / 1000.0;
+        let pd_phase = now.saturating_sub(watch.forwarded_us) as f64 / 1000.0;
+        let error = watch.timed.prediction.map(|p| observed - p.terms.total());
+        svc.ttft_ms(observed, error);
+        svc.add(Counter::TtftSamples, 1);
+        let slo = self.slo_ms.unwrap_or(cfg.ttft_slo_ms as f64);
+        if observed > slo {
+            svc.add(Counter::SloMisses, 1);
+        }
+        let learn = (cfg.calibration.enabled && watch.timed.prediction.is_some())
+            .then_some((pd_phase, watch.pd_predicted_ms));
+        self.release_pending(svc, learn);
+        if let Some(e) = error {
+            let window = self.shared.margin.window_s;
+            let h = svc.update_residuals(&mut |h| h.record(e, now, window));
+            svc.margin_ms(self.shared.margin.margin_ms(&h, now));
+        }
+    }
+
+    /// The request leaves the pending backlog at prefill/decode; `learn`
+    /// (observed, predicted forward-to-first-token ms) calibrates the
+    /// prefill side's factor in the same update.
+    fn release_pending(&mut self, svc: &dyn Services, learn: Option<(f64, f64)>) {
+        if !self.held.pd_pending {
+            return;
+        }
+        self.held.pd_pending = false;
+        let work = std::mem::take(&mut self.held.pd_work_us);
+        let cal = &self.shared.config.calibration;
+        let (alpha, min, max) = (cal.alpha, cal.min_factor, cal.max_factor);
+        let state = svc.update(&mut |s| {
+            s.pd_pending -= 1;
+            s.pd_outstanding_us -= work;
+            if let Some((observed, predicted)) = learn {
+                s.calibrate_pd(observed, predicted, alpha, min, max);
+            }
+        });
+        let changed = if learn.is_some() {
+            GaugeSet::PD.with(GaugeSet::CALIBRATION)
+        } else {
+            GaugeSet::PD
+        };
+        svc.publish(&state, changed);
     }
 
     /// The stream is over (answered, failed, or reset by either side):
     /// release whatever this request still holds.
     pub fn on_done(&mut self, svc: &dyn Services) {
+        self.watch = None;
         let held = std::mem::take(&mut self.held);
         if held == Held::default() {
             return;
@@ -435,6 +657,8 @@ impl RequestFilter {
             s.encode_inflight -= held.encode_calls;
             s.encode_outstanding_us -= held.encode_work_us;
             s.pd_inflight -= i64::from(held.pd);
+            s.pd_pending -= i64::from(held.pd_pending);
+            s.pd_outstanding_us -= held.pd_work_us;
         });
         svc.publish(&state, GaugeSet::PD.with(GaugeSet::ENCODE));
     }
@@ -451,7 +675,7 @@ impl RequestFilter {
                     (HEADER_FAIL_OPEN, err.code().to_string()),
                 ],
             };
-            return self.forward(svc, report, false);
+            return self.forward(host, svc, report, None);
         }
         self.reply_error(host, svc, err)
     }
@@ -509,8 +733,10 @@ fn report_of(o: &Outcome) -> Report {
     if let Some(reason) = o.reason {
         headers.push((HEADER_REASON, reason.to_string()));
     }
-    if let Some(ttft) = o.predicted_ttft_ms {
-        headers.push((HEADER_PREDICTED_TTFT, format!("{ttft:.0}")));
+    if let Some(p) = o.prediction {
+        headers.push((HEADER_PREDICTED_TTFT, format!("{:.0}", p.terms.total())));
+        headers.push((HEADER_MARGIN, format!("{:.0}", p.margin_ms)));
+        headers.push((HEADER_TERMS, p.terms.header(p.margin_ms)));
     }
     Report { headers }
 }
@@ -518,6 +744,7 @@ fn report_of(o: &Outcome) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::residual::ResidualHistogram;
     use crate::filter::host::{Metrics, RequestHeaders, Traffic};
     use std::cell::RefCell;
     use std::collections::HashMap;
@@ -532,6 +759,11 @@ mod tests {
         calls: Vec<(u32, String, String, Vec<u8>)>,
         refuse_dispatch: bool,
         resumed: u32,
+        /// The answer's headers and the current piece of its body.
+        answer_headers: Vec<(String, String)>,
+        answer_piece: Vec<u8>,
+        /// The clock, µs (advanced by the tests).
+        now: Cell<u64>,
     }
 
     impl HttpHost for FakeHost {
@@ -559,7 +791,18 @@ mod tests {
             self.reply = Some((status, body.to_vec()));
         }
         fn now_micros(&self) -> u64 {
-            0
+            self.now.get()
+        }
+        fn response_headers(&self) -> RequestHeaders {
+            RequestHeaders::new(
+                self.answer_headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone().into_bytes()))
+                    .collect(),
+            )
+        }
+        fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+            self.answer_piece.get(..size).map(<[u8]>::to_vec)
         }
         fn set_request_header(&mut self, name: &str, value: &str) {
             self.req_headers.insert(name.into(), value.into());
@@ -591,6 +834,9 @@ mod tests {
         traffic: RefCell<TrafficState>,
         /// Reads and updates of the shared traffic state by the filter.
         traffic_calls: Cell<u32>,
+        residuals: RefCell<ResidualHistogram>,
+        /// Measured TTFTs: (observed, observed - predicted).
+        ttfts: RefCell<Vec<(f64, Option<f64>)>>,
     }
 
     impl FakeMetrics {
@@ -608,6 +854,19 @@ mod tests {
         fn cluster(&self) -> Option<crate::core::traffic::ClusterSignal> {
             self.traffic_calls.set(self.traffic_calls.get() + 1);
             None
+        }
+        fn pd_cluster(&self) -> Option<crate::core::traffic::ClusterSignal> {
+            self.traffic_calls.set(self.traffic_calls.get() + 1);
+            None
+        }
+        fn residuals(&self) -> ResidualHistogram {
+            self.traffic_calls.set(self.traffic_calls.get() + 1);
+            self.residuals.borrow().clone()
+        }
+        fn update_residuals(&self, op: &mut dyn FnMut(&mut ResidualHistogram)) -> ResidualHistogram {
+            self.traffic_calls.set(self.traffic_calls.get() + 1);
+            op(&mut self.residuals.borrow_mut());
+            self.residuals.borrow().clone()
         }
         fn update(&self, op: &mut dyn FnMut(&mut TrafficState)) -> TrafficState {
             self.traffic_calls.set(self.traffic_calls.get() + 1);
@@ -629,6 +888,10 @@ mod tests {
         }
         fn transcode_ms(&self, _ms: u64) {}
         fn encode_ms(&self, _ms: u64) {}
+        fn ttft_ms(&self, observed_ms: f64, error_ms: Option<f64>) {
+            self.ttfts.borrow_mut().push((observed_ms, error_ms));
+        }
+        fn margin_ms(&self, _ms: f64) {}
     }
 
     fn host(method: &str, path: &str, body: &str) -> FakeHost {
@@ -669,7 +932,7 @@ mod tests {
         assert_eq!(f.on_request_body(&mut h, &m, 5, false), Verdict::Pause);
         assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Continue);
         assert_eq!(h.body, body.as_bytes());
-        f.on_response_headers(&mut h);
+        f.on_response_headers(&mut h, &m);
         let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
         assert_eq!(hv[HEADER_POLICY], "static");
         assert_eq!(hv[HEADER_IMAGES], "0");
@@ -692,7 +955,7 @@ mod tests {
         assert_eq!(status, 400);
         let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
         assert_eq!(v["error"]["code"], "invalid_json");
-        f.on_response_headers(&mut h);
+        f.on_response_headers(&mut h, &m);
         assert!(h.resp_headers.is_empty());
 
         let mut h = host("POST", "/v1/chat/completions", body);
@@ -705,7 +968,7 @@ mod tests {
         assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Continue);
         assert!(h.reply.is_none());
         assert_eq!(h.body, body.as_bytes());
-        f.on_response_headers(&mut h);
+        f.on_response_headers(&mut h, &m);
         assert!(h
             .resp_headers
             .contains(&(HEADER_FAIL_OPEN.into(), "invalid_json".into())));
@@ -737,7 +1000,7 @@ mod tests {
         assert_eq!(f.on_request_headers(&mut h, &m, false), Verdict::Continue);
         assert!(h.reply.is_none() && h.req_headers.contains_key("content-length"));
         assert_eq!(f.on_request_body(&mut h, &m, 101, true), Verdict::Continue);
-        f.on_response_headers(&mut h);
+        f.on_response_headers(&mut h, &m);
         assert!(h
             .resp_headers
             .contains(&(HEADER_FAIL_OPEN.into(), "body_too_large".into())));
@@ -818,7 +1081,7 @@ mod tests {
         assert_eq!(h.resumed, 0);
         f.on_encode_response(&mut h, &m, 100, Some(200));
         assert_eq!(h.resumed, 1);
-        f.on_response_headers(&mut h);
+        f.on_response_headers(&mut h, &m);
         assert!(h.resp_headers.contains(&(HEADER_ENCODE.into(), "ok".into())));
         assert!(h.resp_headers.contains(&(HEADER_ENCODE_CALLS.into(), "2".into())));
         assert_eq!(m.counts.borrow()[Counter::EncodeCalls.name()], 2);
@@ -854,7 +1117,7 @@ mod tests {
         assert_eq!(f.on_encode_response(&mut h, &m, 101, None), Verdict::Continue);
         assert_eq!(h.resumed, 1);
         assert!(h.reply.is_none());
-        f.on_response_headers(&mut h);
+        f.on_response_headers(&mut h, &m);
         assert!(h
             .resp_headers
             .contains(&(HEADER_ENCODE.into(), "fallback".into())));
@@ -978,7 +1241,7 @@ mod tests {
         assert_eq!(f.slo_ms, Some(700.0));
         f.on_request_body(&mut h, &m, TWO_IMAGES.len(), true);
         assert!(m.traffic_calls.get() > 0, "the dynamic policy reads the traffic");
-        f.on_response_headers(&mut h);
+        f.on_response_headers(&mut h, &m);
         let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
         assert_eq!(hv[HEADER_POLICY], "dynamic");
         assert_eq!(hv[HEADER_REASON], "unconstrained");
@@ -990,9 +1253,209 @@ mod tests {
         let mut f = filter(cfg);
         f.on_request_headers(&mut h, &m, false);
         f.on_request_body(&mut h, &m, text.len(), true);
-        f.on_response_headers(&mut h);
+        f.on_response_headers(&mut h, &m);
         f.on_done(&m);
         assert_eq!(m.traffic_calls.get(), 0);
         assert!(!h.resp_headers.iter().any(|(k, _)| k == HEADER_REASON));
+    }
+
+    const ROLE_CHUNK: &str =
+        "data: {\"choices\":[{\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n";
+    const TOKEN_CHUNK: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n";
+
+    fn jpeg_data_url(w: u32, h: u32) -> String {
+        use crate::core::probe::ImageFormat;
+        use crate::core::transcode::{encode, Layout, Pixels};
+        use base64::Engine;
+        let data = (0..w * h * 3).map(|i| (i % 251) as u8).collect();
+        let px = Pixels {
+            width: w,
+            height: h,
+            layout: Layout::Rgb8,
+            data,
+        };
+        let bytes = encode(&px, ImageFormat::Jpeg, 80).expect("encode");
+        format!(
+            "data:image/jpeg;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        )
+    }
+
+    fn dynamic_epd() -> Config {
+        Config {
+            policy: PolicyKind::Dynamic,
+            ..epd(
+                EncodeFailure::Fallback,
+                crate::core::encode::EncodeFanout::PerRequest,
+            )
+        }
+    }
+
+    /// A dynamic EPD request at t = 1 s, its encode call answered at
+    /// t = 1.2 s (or failed), forwarded to PD.
+    fn forwarded(encode_status: Option<u32>) -> (RequestFilter, FakeHost, FakeMetrics) {
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", TWO_IMAGES);
+        h.now.set(1_000_000);
+        let mut f = filter(Config {
+            encode_retries: 0,
+            ..dynamic_epd()
+        });
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(
+            f.on_request_body(&mut h, &m, TWO_IMAGES.len(), true),
+            Verdict::Pause
+        );
+        h.now.set(1_200_000);
+        f.on_encode_response(&mut h, &m, 100, encode_status);
+        assert_eq!(h.resumed, 1);
+        (f, h, m)
+    }
+
+    fn answer(h: &mut FakeHost, status: &str, content_type: &str) {
+        h.answer_headers = vec![
+            (":status".into(), status.into()),
+            ("content-type".into(), content_type.into()),
+        ];
+    }
+
+    fn feed(f: &mut RequestFilter, h: &mut FakeHost, m: &FakeMetrics, piece: &str, end: bool) {
+        h.answer_piece = piece.as_bytes().to_vec();
+        assert_eq!(f.on_response_body(h, m, piece.len(), end), Verdict::Continue);
+    }
+
+    #[test]
+    fn a_streamed_answer_is_timed_to_its_first_token_and_teaches_the_margin() {
+        let (mut f, mut h, m) = forwarded(Some(200));
+        let s = m.state();
+        assert_eq!(s.pd_pending, 1);
+        assert!(s.pd_outstanding_us > 0);
+        answer(&mut h, "200", "text/event-stream");
+        h.now.set(1_300_000);
+        f.on_response_headers(&mut h, &m);
+        let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
+        let predicted: f64 = hv[HEADER_PREDICTED_TTFT].parse().unwrap_or(f64::NAN);
+        assert_eq!(hv[HEADER_MARGIN], "100", "the prior before any sample");
+        assert!(
+            hv[HEADER_TERMS].starts_with("elapsed=0.0,transcode=0.0,encode_wait="),
+            "{}",
+            hv[HEADER_TERMS]
+        );
+        // The role chunk is not a token; the next chunk is.
+        feed(&mut f, &mut h, &m, ROLE_CHUNK, false);
+        assert!(m.ttfts.borrow().is_empty());
+        assert_eq!(m.state().pd_pending, 1);
+        h.now.set(1_450_000);
+        feed(&mut f, &mut h, &m, TOKEN_CHUNK, false);
+        let ttfts = m.ttfts.borrow().clone();
+        assert_eq!(ttfts.len(), 1);
+        let (observed, error) = ttfts[0];
+        assert_eq!(observed, 450.0);
+        let error = error.unwrap_or(f64::NAN);
+        assert!(
+            (error - (450.0 - predicted)).abs() < 1.0,
+            "{error} vs {predicted}"
+        );
+        let s = m.state();
+        assert_eq!((s.pd_pending, s.pd_outstanding_us), (0, 0));
+        assert_eq!(s.pd_calibration_samples, 1);
+        assert_eq!(m.residuals.borrow().total, 1.0);
+        assert_eq!(m.counts.borrow()[Counter::TtftSamples.name()], 1);
+        assert!(!m.counts.borrow().contains_key(Counter::SloMisses.name()));
+        // Later pieces and the end change nothing.
+        feed(&mut f, &mut h, &m, TOKEN_CHUNK, true);
+        f.on_done(&m);
+        assert_eq!(m.ttfts.borrow().len(), 1);
+        assert_eq!((m.state().pd_inflight, m.state().pd_pending), (0, 0));
+    }
+
+    #[test]
+    fn a_plain_answer_is_timed_at_its_headers_and_a_late_one_is_a_miss() {
+        let (mut f, mut h, m) = forwarded(Some(200));
+        answer(&mut h, "200", "application/json");
+        h.now.set(2_500_000);
+        f.on_response_headers(&mut h, &m);
+        assert_eq!(m.ttfts.borrow().len(), 1);
+        assert_eq!(m.ttfts.borrow()[0].0, 1500.0);
+        assert_eq!(m.counts.borrow()[Counter::SloMisses.name()], 1);
+        assert_eq!(m.state().pd_pending, 0);
+    }
+
+    #[test]
+    fn errors_fallbacks_empty_streams_and_aborts_give_no_sample_and_leak_nothing() {
+        // An error answer.
+        let (mut f, mut h, m) = forwarded(Some(200));
+        answer(&mut h, "503", "application/json");
+        f.on_response_headers(&mut h, &m);
+        assert_eq!(m.state().pd_pending, 0);
+        f.on_done(&m);
+        // A fallback (the encoder failed): PD encodes itself, not predicted.
+        let (mut f2, mut h2, m2) = forwarded(Some(500));
+        answer(&mut h2, "200", "text/event-stream");
+        f2.on_response_headers(&mut h2, &m2);
+        feed(&mut f2, &mut h2, &m2, TOKEN_CHUNK, false);
+        f2.on_done(&m2);
+        // A stream that ends without a token.
+        let (mut f3, mut h3, m3) = forwarded(Some(200));
+        answer(&mut h3, "200", "text/event-stream");
+        f3.on_response_headers(&mut h3, &m3);
+        feed(&mut f3, &mut h3, &m3, "data: [DONE]\n\n", true);
+        assert_eq!(m3.state().pd_pending, 0);
+        f3.on_done(&m3);
+        // The client goes away before the first token.
+        let (mut f4, mut h4, m4) = forwarded(Some(200));
+        answer(&mut h4, "200", "text/event-stream");
+        f4.on_response_headers(&mut h4, &m4);
+        feed(&mut f4, &mut h4, &m4, ROLE_CHUNK, false);
+        f4.on_done(&m4);
+        f4.on_done(&m4);
+        for m in [&m, &m2, &m3, &m4] {
+            assert!(m.ttfts.borrow().is_empty());
+            assert_eq!(m.residuals.borrow().total, 0.0);
+            let s = m.state();
+            assert_eq!(
+                (
+                    s.pd_inflight,
+                    s.pd_pending,
+                    s.pd_outstanding_us,
+                    s.encode_inflight,
+                    s.encode_outstanding_us
+                ),
+                (0, 0, 0, 0, 0)
+            );
+        }
+    }
+
+    #[test]
+    fn the_learned_margin_shrinks_the_next_budget() {
+        let cfg = dynamic_epd();
+        let big = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"{}"}}}}]}}]}}"#,
+            jpeg_data_url(2240, 1400)
+        );
+        let run = |m: &FakeMetrics| {
+            let mut h = host("POST", "/v1/chat/completions", &big);
+            h.now.set(5_000_000);
+            let mut f = filter(cfg.clone());
+            f.on_request_headers(&mut h, m, false);
+            f.on_request_body(&mut h, m, big.len(), true);
+            f.on_encode_response(&mut h, m, 100, Some(200));
+            answer(&mut h, "200", "application/json");
+            f.on_response_headers(&mut h, m);
+            f.on_done(m);
+            let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
+            hv[HEADER_AFTER].parse::<u64>().unwrap_or(0)
+        };
+        let m = FakeMetrics::default();
+        let idle = run(&m);
+        assert_eq!(idle, 4000, "idle and the prior margin: kept whole");
+        // Observed TTFT has run ~900 ms above the prediction lately.
+        for i in 0..20 {
+            m.residuals
+                .borrow_mut()
+                .record(900.0, 5_000_000 - 20 + i, cfg.correction_window_s);
+        }
+        let after = run(&m);
+        assert!(after < idle, "{after}");
     }
 }

@@ -1,5 +1,6 @@
 //! The host calls the state machine needs.
 
+use crate::core::residual::ResidualHistogram;
 use crate::core::traffic::{ClusterSignal, TrafficState};
 
 /// An HTTP call to the encode cluster.
@@ -54,6 +55,10 @@ pub trait HttpHost {
     /// Replaces the buffered body `[0, size)` with `body`.
     fn replace_request_body(&mut self, size: usize, body: &[u8]);
     fn add_response_header(&mut self, name: &str, value: &str);
+    /// The response headers (only valid in the response headers callback).
+    fn response_headers(&self) -> RequestHeaders;
+    /// The current piece of the response body, `[0, size)`.
+    fn response_body(&self, size: usize) -> Option<Vec<u8>>;
     /// Sends a local reply; the request goes no further upstream.
     fn send_local_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]);
     /// Monotonic-enough time in microseconds.
@@ -79,10 +84,14 @@ pub enum Counter {
     EncodeFailures,
     /// Requests forwarded to PD after an encode failure (`fallback`).
     EncodeFallbacks,
+    /// Requests with images whose time to first token was measured.
+    TtftSamples,
+    /// Of those, the ones over their SLO.
+    SloMisses,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Requests,
         Counter::ImagesResized,
         Counter::ImagesPassed,
@@ -93,6 +102,8 @@ impl Counter {
         Counter::EncodeRetries,
         Counter::EncodeFailures,
         Counter::EncodeFallbacks,
+        Counter::TtftSamples,
+        Counter::SloMisses,
     ];
 
     /// Stat name (Envoy shows it as `wasmcustom.<name>`).
@@ -108,6 +119,8 @@ impl Counter {
             Self::EncodeRetries => "vlm_budget_encode_retries_total",
             Self::EncodeFailures => "vlm_budget_encode_failures_total",
             Self::EncodeFallbacks => "vlm_budget_encode_fallbacks_total",
+            Self::TtftSamples => "vlm_budget_ttft_samples_total",
+            Self::SloMisses => "vlm_budget_slo_misses_total",
         }
     }
 }
@@ -117,6 +130,17 @@ pub const TRANSCODE_HISTOGRAM: &str = "vlm_budget_transcode_ms";
 
 /// Name of the encode-phase histogram (milliseconds per request).
 pub const ENCODE_HISTOGRAM: &str = "vlm_budget_encode_ms";
+
+/// Name of the time-to-first-token histogram (ms, requests with images,
+/// arrival at the filter to the first token from prefill/decode).
+pub const TTFT_HISTOGRAM: &str = "vlm_budget_ttft_ms";
+
+/// Observed minus predicted TTFT, when the prediction was low (ms).
+pub const TTFT_ERROR_HISTOGRAM: &str = "vlm_budget_ttft_error_ms";
+
+/// Predicted minus observed TTFT, when the prediction was high (ms;
+/// Envoy's histograms hold no negative values).
+pub const TTFT_OVERESTIMATE_HISTOGRAM: &str = "vlm_budget_ttft_overestimate_ms";
 
 /// Name of the gauge of the VM's linear memory (bytes; grows, never shrinks).
 pub const VM_MEMORY_GAUGE: &str = "vlm_budget_vm_memory_bytes";
@@ -132,14 +156,24 @@ pub trait Metrics {
     fn error(&self, code: &'static str);
     fn transcode_ms(&self, ms: u64);
     fn encode_ms(&self, ms: u64);
+    /// One measured TTFT, and observed minus predicted when predicted.
+    fn ttft_ms(&self, observed_ms: f64, error_ms: Option<f64>);
+    /// The learned margin now in force.
+    fn margin_ms(&self, ms: f64);
 }
 
 /// The traffic state shared by all workers (proxy-wasm shared data).
 pub trait Traffic {
     /// The current state.
     fn state(&self) -> TrafficState;
-    /// The last cluster-wide reading, fresh or not.
+    /// The last encode-cluster reading, fresh or not.
     fn cluster(&self) -> Option<ClusterSignal>;
+    /// The last prefill/decode-cluster reading, fresh or not.
+    fn pd_cluster(&self) -> Option<ClusterSignal>;
+    /// The TTFT residuals learned so far.
+    fn residuals(&self) -> ResidualHistogram;
+    /// Applies `op` to the residuals atomically and returns what it wrote.
+    fn update_residuals(&self, op: &mut dyn FnMut(&mut ResidualHistogram)) -> ResidualHistogram;
     /// Applies `op` atomically (compare-and-swap, retried) and returns the
     /// state it wrote.
     fn update(&self, op: &mut dyn FnMut(&mut TrafficState)) -> TrafficState;

@@ -2,6 +2,7 @@
 
 use super::metrics::HostMetrics;
 use super::{now_micros, shared, warn_err};
+use crate::core::residual::ResidualHistogram;
 use crate::core::traffic::{ClusterSignal, TrafficState};
 use crate::filter::{
     Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestFilter, RequestHeaders, Services, Shared,
@@ -33,6 +34,12 @@ impl Metrics for VmServices {
     fn encode_ms(&self, ms: u64) {
         self.metrics.encode_ms(ms);
     }
+    fn ttft_ms(&self, observed_ms: f64, error_ms: Option<f64>) {
+        self.metrics.ttft_ms(observed_ms, error_ms);
+    }
+    fn margin_ms(&self, ms: f64) {
+        self.metrics.margin_ms(ms);
+    }
 }
 
 impl Traffic for VmServices {
@@ -40,7 +47,16 @@ impl Traffic for VmServices {
         shared::traffic()
     }
     fn cluster(&self) -> Option<ClusterSignal> {
-        shared::cluster()
+        shared::cluster(shared::CLUSTER_KEY)
+    }
+    fn pd_cluster(&self) -> Option<ClusterSignal> {
+        shared::cluster(shared::PD_CLUSTER_KEY)
+    }
+    fn residuals(&self) -> ResidualHistogram {
+        shared::residuals()
+    }
+    fn update_residuals(&self, op: &mut dyn FnMut(&mut ResidualHistogram)) -> ResidualHistogram {
+        shared::update_residuals(op)
     }
     fn update(&self, op: &mut dyn FnMut(&mut TrafficState)) -> TrafficState {
         shared::update_traffic(op)
@@ -118,7 +134,17 @@ impl HttpContext for Http {
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
-        action(self.filter.on_response_headers(&mut self.host))
+        action(
+            self.filter
+                .on_response_headers(&mut self.host, self.services.as_ref()),
+        )
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        action(
+            self.filter
+                .on_response_body(&mut self.host, self.services.as_ref(), body_size, end_of_stream),
+        )
     }
 
     fn on_log(&mut self) {
@@ -172,6 +198,22 @@ impl HttpHost for ProxyHost {
             "add header",
             hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value),
         );
+    }
+    fn response_headers(&self) -> RequestHeaders {
+        RequestHeaders::new(
+            warn_err(
+                "get response headers",
+                hostcalls::get_map_bytes(MapType::HttpResponseHeaders),
+            )
+            .unwrap_or_default(),
+        )
+    }
+    fn response_body(&self, size: usize) -> Option<Vec<u8>> {
+        warn_err(
+            "get response body",
+            hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size),
+        )
+        .flatten()
     }
     fn send_local_reply(&mut self, status: u32, headers: &[(&str, &str)], body: &[u8]) {
         warn_err(

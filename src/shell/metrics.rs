@@ -2,7 +2,10 @@
 
 use crate::core::error::FilterError;
 use crate::core::traffic::TrafficState;
-use crate::filter::host::{error_metric_name, ENCODE_HISTOGRAM, TRANSCODE_HISTOGRAM, VM_MEMORY_GAUGE};
+use crate::filter::host::{
+    error_metric_name, ENCODE_HISTOGRAM, TRANSCODE_HISTOGRAM, TTFT_ERROR_HISTOGRAM, TTFT_HISTOGRAM,
+    TTFT_OVERESTIMATE_HISTOGRAM, VM_MEMORY_GAUGE,
+};
 use crate::filter::{Counter, GaugeSet, Metrics};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::MetricType;
@@ -18,6 +21,13 @@ pub const GAUGE_TOKEN_RATE: &str = "vlm_budget_visual_token_rate";
 pub const GAUGE_CLUSTER_FRESH: &str = "vlm_budget_cluster_signal_fresh";
 pub const GAUGE_CLUSTER_WAITING: &str = "vlm_budget_cluster_waiting";
 pub const GAUGE_CLUSTER_RUNNING: &str = "vlm_budget_cluster_running";
+pub const GAUGE_PD_CLUSTER_WAITING: &str = "vlm_budget_pd_cluster_waiting";
+pub const GAUGE_PD_CLUSTER_RUNNING: &str = "vlm_budget_pd_cluster_running";
+pub const GAUGE_PD_PENDING: &str = "vlm_budget_pd_pending";
+pub const GAUGE_PD_OUTSTANDING_MS: &str = "vlm_budget_pd_outstanding_ms";
+pub const GAUGE_PD_CALIBRATION: &str = "vlm_budget_pd_calibration_factor_milli";
+pub const GAUGE_TRANSCODE_SPEED: &str = "vlm_budget_transcode_ms_per_mpixel";
+pub const GAUGE_MARGIN: &str = "vlm_budget_ttft_margin_ms";
 pub const COUNTER_POLLS: &str = "vlm_budget_metrics_polls_total";
 pub const COUNTER_POLL_FAILURES: &str = "vlm_budget_metrics_poll_failures_total";
 
@@ -30,6 +40,9 @@ pub struct HostMetrics {
     named: HashMap<&'static str, u32>,
     transcode: Option<u32>,
     encode: Option<u32>,
+    ttft: Option<u32>,
+    ttft_error: Option<u32>,
+    ttft_overestimate: Option<u32>,
     /// This VM's linear memory in bytes (it never shrinks).
     pub memory: Option<u32>,
 }
@@ -44,7 +57,7 @@ fn define(kind: MetricType, name: &str) -> Option<u32> {
     }
 }
 
-const GAUGES: [&str; 9] = [
+const GAUGES: [&str; 16] = [
     GAUGE_ENCODE_INFLIGHT,
     GAUGE_PD_INFLIGHT,
     GAUGE_OUTSTANDING_MS,
@@ -54,6 +67,13 @@ const GAUGES: [&str; 9] = [
     GAUGE_CLUSTER_FRESH,
     GAUGE_CLUSTER_WAITING,
     GAUGE_CLUSTER_RUNNING,
+    GAUGE_PD_CLUSTER_WAITING,
+    GAUGE_PD_CLUSTER_RUNNING,
+    GAUGE_PD_PENDING,
+    GAUGE_PD_OUTSTANDING_MS,
+    GAUGE_PD_CALIBRATION,
+    GAUGE_TRANSCODE_SPEED,
+    GAUGE_MARGIN,
 ];
 
 impl HostMetrics {
@@ -78,6 +98,9 @@ impl HostMetrics {
             named,
             transcode: define(MetricType::Histogram, TRANSCODE_HISTOGRAM),
             encode: define(MetricType::Histogram, ENCODE_HISTOGRAM),
+            ttft: define(MetricType::Histogram, TTFT_HISTOGRAM),
+            ttft_error: define(MetricType::Histogram, TTFT_ERROR_HISTOGRAM),
+            ttft_overestimate: define(MetricType::Histogram, TTFT_OVERESTIMATE_HISTOGRAM),
             memory: define(MetricType::Gauge, VM_MEMORY_GAUGE),
         }
     }
@@ -111,6 +134,8 @@ impl HostMetrics {
     pub fn publish(&self, s: &TrafficState, changed: GaugeSet, now_us: u64, window_s: f64) {
         if changed.contains(GaugeSet::PD) {
             self.set(GAUGE_PD_INFLIGHT, s.pd_inflight as f64);
+            self.set(GAUGE_PD_PENDING, s.pd_pending as f64);
+            self.set(GAUGE_PD_OUTSTANDING_MS, s.pd_outstanding_us as f64 / 1000.0);
         }
         if changed.contains(GaugeSet::ENCODE) {
             self.set(GAUGE_ENCODE_INFLIGHT, s.encode_inflight as f64);
@@ -118,6 +143,8 @@ impl HostMetrics {
         }
         if changed.contains(GaugeSet::CALIBRATION) {
             self.set(GAUGE_CALIBRATION, s.calibration * 1000.0);
+            self.set(GAUGE_PD_CALIBRATION, s.pd_calibration * 1000.0);
+            self.set(GAUGE_TRANSCODE_SPEED, s.transcode_ms_per_mpixel);
         }
         if changed.contains(GaugeSet::RATES) {
             let (requests, _, tokens) = s.rates_at(now_us, window_s);
@@ -143,5 +170,21 @@ impl Metrics for HostMetrics {
         if let Some(id) = self.encode {
             let _ = hostcalls::record_metric(id, ms);
         }
+    }
+    fn ttft_ms(&self, observed_ms: f64, error_ms: Option<f64>) {
+        let record = |id: Option<u32>, v: f64| {
+            if let Some(id) = id {
+                let _ = hostcalls::record_metric(id, v.max(0.0).round() as u64);
+            }
+        };
+        record(self.ttft, observed_ms);
+        match error_ms {
+            Some(e) if e >= 0.0 => record(self.ttft_error, e),
+            Some(e) => record(self.ttft_overestimate, -e),
+            None => {}
+        }
+    }
+    fn margin_ms(&self, ms: f64) {
+        self.set(GAUGE_MARGIN, ms);
     }
 }

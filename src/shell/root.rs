@@ -1,14 +1,16 @@
-//! The root context: configuration, and the poll of the encode cluster's
-//! Prometheus metrics (one VM polls, elected by a lease in shared data).
+//! The root context: configuration, and the poll of the encode and
+//! prefill/decode clusters' Prometheus metrics (one VM polls, elected by a
+//! lease in shared data).
 
 use super::http::{Http, VmServices};
 use super::metrics::{
     HostMetrics, COUNTER_POLLS, COUNTER_POLL_FAILURES, GAUGE_CLUSTER_FRESH, GAUGE_CLUSTER_RUNNING,
-    GAUGE_CLUSTER_WAITING,
+    GAUGE_CLUSTER_WAITING, GAUGE_PD_CLUSTER_RUNNING, GAUGE_PD_CLUSTER_WAITING,
 };
 use super::{now_micros, shared};
 use crate::core::config::Config;
 use crate::core::prometheus::sum_of;
+use crate::core::residual::ResidualHistogram;
 use crate::core::traffic::{ClusterSignal, TrafficState};
 use crate::filter::{GaugeSet, Shared};
 use proxy_wasm::hostcalls;
@@ -24,8 +26,45 @@ pub struct Root {
     metrics: Option<Rc<HostMetrics>>,
     /// This VM's identity for the poll lease.
     owner: u64,
-    /// Token of the metrics poll in flight.
-    poll: Option<u32>,
+    /// Tokens of the metrics polls in flight, by target.
+    polls: Vec<(u32, Target)>,
+}
+
+/// A cluster whose `/metrics` the root context polls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Encode,
+    PrefillDecode,
+}
+
+impl Target {
+    /// Cluster and `:authority` of the poll, if configured.
+    fn cluster(self, cfg: &Config) -> Option<(&str, &str)> {
+        match self {
+            Self::Encode => cfg
+                .encode_cluster
+                .as_deref()
+                .map(|c| (c, cfg.encode_authority.as_str())),
+            Self::PrefillDecode => cfg
+                .pd_metrics_cluster
+                .as_deref()
+                .map(|c| (c, cfg.pd_metrics_authority.as_str())),
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Self::Encode => shared::CLUSTER_KEY,
+            Self::PrefillDecode => shared::PD_CLUSTER_KEY,
+        }
+    }
+
+    fn gauges(self) -> (&'static str, &'static str) {
+        match self {
+            Self::Encode => (GAUGE_CLUSTER_WAITING, GAUGE_CLUSTER_RUNNING),
+            Self::PrefillDecode => (GAUGE_PD_CLUSTER_WAITING, GAUGE_PD_CLUSTER_RUNNING),
+        }
+    }
 }
 
 impl Root {
@@ -49,8 +88,10 @@ impl Root {
             self.owner = now_micros().rotate_left(17) ^ (Rc::as_ptr(&metrics) as u64) | 1;
         }
         shared::init(shared::TRAFFIC_KEY, &TrafficState::initial().encode());
-        let poll = match (&config.encode_cluster, config.metrics_poll_ms) {
-            (Some(_), ms) if ms > 0 => Duration::from_millis(ms),
+        shared::init(shared::RESIDUALS_KEY, &ResidualHistogram::default().encode());
+        let any_cluster = config.encode_cluster.is_some() || config.pd_metrics_cluster.is_some();
+        let poll = match config.metrics_poll_ms {
+            ms if ms > 0 && any_cluster => Duration::from_millis(ms),
             _ => Duration::ZERO,
         };
         if let Err(e) = hostcalls::set_tick_period(poll) {
@@ -64,25 +105,31 @@ impl Root {
     }
 
     fn poll_metrics(&mut self, cfg: &Config, now: u64) {
-        let Some(cluster) = cfg.encode_cluster.as_deref() else {
-            return;
-        };
-        let lease_until = now + 3 * cfg.metrics_poll_ms * 1000;
-        if self.poll.is_some() || !shared::acquire_lease(self.owner, now, lease_until) {
+        let targets = [Target::Encode, Target::PrefillDecode];
+        if targets.iter().all(|t| t.cluster(cfg).is_none()) || !self.polls.is_empty() {
             return;
         }
-        let headers = vec![
-            (":method", "GET"),
-            (":path", cfg.metrics_path.as_str()),
-            (":authority", cfg.encode_authority.as_str()),
-            ("accept", "text/plain"),
-        ];
-        let timeout = Duration::from_millis(cfg.metrics_poll_ms.max(100));
-        match hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout) {
-            Ok(token) => self.poll = Some(token),
-            Err(e) => {
-                log::warn!("vlm-budget: metrics poll of {cluster} refused: {e:?}");
-                self.bump(COUNTER_POLL_FAILURES);
+        let lease_until = now + 3 * cfg.metrics_poll_ms * 1000;
+        if !shared::acquire_lease(self.owner, now, lease_until) {
+            return;
+        }
+        for target in targets {
+            let Some((cluster, authority)) = target.cluster(cfg) else {
+                continue;
+            };
+            let headers = vec![
+                (":method", "GET"),
+                (":path", cfg.metrics_path.as_str()),
+                (":authority", authority),
+                ("accept", "text/plain"),
+            ];
+            let timeout = Duration::from_millis(cfg.metrics_poll_ms.max(100));
+            match hostcalls::dispatch_http_call(cluster, headers, None, vec![], timeout) {
+                Ok(token) => self.polls.push((token, target)),
+                Err(e) => {
+                    log::warn!("vlm-budget: metrics poll of {cluster} refused: {e:?}");
+                    self.bump(COUNTER_POLL_FAILURES);
+                }
             }
         }
     }
@@ -96,10 +143,10 @@ impl Root {
 
 impl Context for Root {
     fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
-        if self.poll != Some(token) {
+        let Some(pos) = self.polls.iter().position(|p| p.0 == token) else {
             return;
-        }
-        self.poll = None;
+        };
+        let (_, target) = self.polls.swap_remove(pos);
         self.bump(COUNTER_POLLS);
         let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
             .ok()
@@ -123,15 +170,19 @@ impl Context for Root {
         };
         match reading {
             Some((waiting, running)) => {
-                shared::set_cluster(&ClusterSignal {
+                let signal = ClusterSignal {
                     waiting,
                     running,
                     updated_us: now_micros(),
-                });
+                };
+                shared::set_cluster(target.key(), &signal);
                 if let Some(m) = &self.metrics {
-                    m.set(GAUGE_CLUSTER_WAITING, waiting);
-                    m.set(GAUGE_CLUSTER_RUNNING, running);
-                    m.set(GAUGE_CLUSTER_FRESH, 1.0);
+                    let (g_waiting, g_running) = target.gauges();
+                    m.set(g_waiting, waiting);
+                    m.set(g_running, running);
+                    if target == Target::Encode {
+                        m.set(GAUGE_CLUSTER_FRESH, 1.0);
+                    }
                 }
             }
             None => {
@@ -167,7 +218,7 @@ impl RootContext for Root {
         let Some(shared) = self.shared.clone() else { return };
         let cfg = &shared.config;
         let now = now_micros();
-        let fresh = shared::cluster().is_some_and(|c| c.fresh(now, cfg.metrics_stale_ms));
+        let fresh = shared::cluster(shared::CLUSTER_KEY).is_some_and(|c| c.fresh(now, cfg.metrics_stale_ms));
         if let Some(m) = &self.metrics {
             m.set(GAUGE_CLUSTER_FRESH, if fresh { 1.0 } else { 0.0 });
             m.publish(&shared::traffic(), GaugeSet::ALL, now, cfg.rate_window_s);

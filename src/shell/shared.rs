@@ -2,12 +2,15 @@
 //! updated with compare-and-swap so every worker VM sees one consistent
 //! state.
 
+use crate::core::residual::ResidualHistogram;
 use crate::core::traffic::{ClusterSignal, TrafficState};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::Status;
 
-pub const TRAFFIC_KEY: &str = "vlm_budget.traffic.v1";
+pub const TRAFFIC_KEY: &str = "vlm_budget.traffic.v2";
 pub const CLUSTER_KEY: &str = "vlm_budget.cluster.v1";
+pub const PD_CLUSTER_KEY: &str = "vlm_budget.pd_cluster.v1";
+pub const RESIDUALS_KEY: &str = "vlm_budget.ttft_residuals.v1";
 pub const LEASE_KEY: &str = "vlm_budget.poll_lease.v1";
 
 /// Attempts before a contended update gives up (and logs).
@@ -27,38 +30,67 @@ pub fn init(key: &str, value: &[u8]) {
 
 /// Reads the traffic state.
 pub fn traffic() -> TrafficState {
-    get(TRAFFIC_KEY)
-        .0
-        .map_or_else(TrafficState::initial, |b| TrafficState::decode(&b))
+    decode_traffic(get(TRAFFIC_KEY).0.as_deref())
+}
+
+/// Applies `op` to the record under `key` atomically (compare-and-swap,
+/// retried): `decode` reads whatever is stored (a missing or foreign value
+/// reads as the initial record).
+fn update<T>(
+    key: &str,
+    decode: fn(Option<&[u8]>) -> T,
+    encode: fn(&T) -> Vec<u8>,
+    op: &mut dyn FnMut(&mut T),
+) -> T {
+    for _ in 0..CAS_ATTEMPTS {
+        let (bytes, cas) = get(key);
+        let mut value = decode(bytes.as_deref());
+        op(&mut value);
+        match hostcalls::set_shared_data(key, Some(&encode(&value)), cas) {
+            Ok(()) => return value,
+            Err(Status::CasMismatch) => continue,
+            Err(e) => {
+                log::error!("vlm-budget: update of {key} failed: {e:?}");
+                return value;
+            }
+        }
+    }
+    log::error!("vlm-budget: update of {key} lost after {CAS_ATTEMPTS} contended attempts");
+    decode(get(key).0.as_deref())
+}
+
+fn decode_traffic(bytes: Option<&[u8]>) -> TrafficState {
+    bytes.map_or_else(TrafficState::initial, TrafficState::decode)
+}
+
+fn decode_residuals(bytes: Option<&[u8]>) -> ResidualHistogram {
+    bytes.map(ResidualHistogram::decode).unwrap_or_default()
 }
 
 /// Applies `op` to the traffic state atomically.
 pub fn update_traffic(op: &mut dyn FnMut(&mut TrafficState)) -> TrafficState {
-    for _ in 0..CAS_ATTEMPTS {
-        let (bytes, cas) = get(TRAFFIC_KEY);
-        let mut state = bytes.map_or_else(TrafficState::initial, |b| TrafficState::decode(&b));
-        op(&mut state);
-        match hostcalls::set_shared_data(TRAFFIC_KEY, Some(&state.encode()), cas) {
-            Ok(()) => return state,
-            Err(Status::CasMismatch) => continue,
-            Err(e) => {
-                log::error!("vlm-budget: traffic update failed: {e:?}");
-                return state;
-            }
-        }
-    }
-    log::error!("vlm-budget: traffic update lost after {CAS_ATTEMPTS} contended attempts");
-    traffic()
+    update(TRAFFIC_KEY, decode_traffic, |s| s.encode().to_vec(), op)
 }
 
-/// The last cluster reading.
-pub fn cluster() -> Option<ClusterSignal> {
-    get(CLUSTER_KEY).0.and_then(|b| ClusterSignal::decode(&b))
+/// The learned TTFT residuals.
+pub fn residuals() -> ResidualHistogram {
+    decode_residuals(get(RESIDUALS_KEY).0.as_deref())
 }
 
-/// Stores a cluster reading (last writer wins: there is one poller).
-pub fn set_cluster(signal: &ClusterSignal) {
-    let _ = hostcalls::set_shared_data(CLUSTER_KEY, Some(&signal.encode()), None);
+/// Applies `op` to the residuals atomically.
+pub fn update_residuals(op: &mut dyn FnMut(&mut ResidualHistogram)) -> ResidualHistogram {
+    update(RESIDUALS_KEY, decode_residuals, ResidualHistogram::encode, op)
+}
+
+/// The last reading stored under `key` (`CLUSTER_KEY`, `PD_CLUSTER_KEY`).
+pub fn cluster(key: &str) -> Option<ClusterSignal> {
+    get(key).0.and_then(|b| ClusterSignal::decode(&b))
+}
+
+/// Stores a cluster reading under `key` (last writer wins: there is one
+/// poller).
+pub fn set_cluster(key: &str, signal: &ClusterSignal) {
+    let _ = hostcalls::set_shared_data(key, Some(&signal.encode()), None);
 }
 
 /// Takes or renews the poll lease for `owner` until `until_us`; true when
