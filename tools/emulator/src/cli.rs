@@ -35,6 +35,32 @@ impl Role {
     }
 }
 
+/// How the PD instance times output tokens after the first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeModel {
+    /// Decode steps are PD GPU work: each step serves every running request
+    /// and costs `--decode-step-ms + --decode-step-ms-per-request x running`;
+    /// a free GPU takes a waiting prefill before the next step.
+    Queued,
+    /// Every running request emits a token each `--decode-ms-per-token`,
+    /// whatever else the GPU does.
+    Free,
+}
+
+impl DecodeModel {
+    fn parse(s: &str) -> Option<Self> {
+        match s {
+            "queued" => Some(Self::Queued),
+            "free" => Some(Self::Free),
+            _ => None,
+        }
+    }
+}
+
+/// Value of [`Config::preprocess_ms_per_mpixel`] that leaves the per-role
+/// rates in force.
+pub const PER_ROLE_PREPROCESS: f64 = -1.0;
+
 /// Everything the emulator is configured with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -50,12 +76,26 @@ pub struct Config {
     pub latency_data: Option<PathBuf>,
     pub encoder_variant: String,
     pub speed_factor: f64,
+    /// CPU preprocessing per megapixel on the encode instance.
+    pub encode_preprocess_ms_per_mpixel: f64,
+    /// CPU preprocessing per megapixel on the PD instance.
+    pub pd_preprocess_ms_per_mpixel: f64,
+    /// One preprocessing rate for both roles, replacing the two above when
+    /// it is not negative ([`PER_ROLE_PREPROCESS`] by default). For callers
+    /// that build a `Config` directly; the command line's
+    /// `--preprocess-ms-per-mpixel` writes the two per-role rates instead.
     pub preprocess_ms_per_mpixel: f64,
     pub jitter_sigma: f64,
     pub seed: u64,
     pub encode_gpus: usize,
     pub pd_gpus: usize,
     pub max_num_batched_tokens: u64,
+    pub decode_model: DecodeModel,
+    /// Fixed cost of one decode step (queued model).
+    pub decode_step_ms: f64,
+    /// Cost of one decode step per running request (queued model).
+    pub decode_step_ms_per_request: f64,
+    /// Time between output tokens (free model).
     pub decode_ms_per_token: f64,
     pub default_output_tokens: u64,
     pub max_output_tokens: u64,
@@ -82,12 +122,17 @@ impl Default for Config {
             latency_data: None,
             encoder_variant: "batched_sdpa".into(),
             speed_factor: 1.0,
-            preprocess_ms_per_mpixel: 4.0,
+            encode_preprocess_ms_per_mpixel: 28.0,
+            pd_preprocess_ms_per_mpixel: 18.0,
+            preprocess_ms_per_mpixel: PER_ROLE_PREPROCESS,
             jitter_sigma: 0.05,
             seed: 0,
             encode_gpus: 1,
             pd_gpus: 1,
             max_num_batched_tokens: 16_384,
+            decode_model: DecodeModel::Queued,
+            decode_step_ms: 6.0,
+            decode_step_ms_per_request: 0.37,
             decode_ms_per_token: 8.0,
             default_output_tokens: 64,
             max_output_tokens: 512,
@@ -147,13 +192,23 @@ Time model:
   --latency-data PATH              measurements JSON [built-in H100 data]
   --encoder-variant NAME           vision_encoder table [batched_sdpa]
   --speed-factor F                 multiplies GPU times [1.0]
-  --preprocess-ms-per-mpixel MS    CPU preprocessing per megapixel [4.0]
+  --encode-preprocess-ms-per-mpixel MS
+                                   encode instance CPU preprocessing per
+                                   megapixel [28.0]
+  --pd-preprocess-ms-per-mpixel MS PD instance CPU preprocessing per
+                                   megapixel [18.0]
+  --preprocess-ms-per-mpixel MS    sets both of the above (compatibility)
   --jitter-sigma S                 log-normal jitter of GPU times [0.05]
   --seed N                         seed of jitter and generated text [0]
   --encode-gpus N                  encode instance GPUs [1]
   --pd-gpus N                      prefill/decode instance GPUs [1]
   --max-num-batched-tokens N       encoder batch token budget [16384]
-  --decode-ms-per-token MS         decode time per output token [8.0]
+  --decode-model queued|free       queued: decode steps are PD GPU work,
+                                   prefills first; free: a token every
+                                   --decode-ms-per-token, not queued [queued]
+  --decode-step-ms MS              fixed cost of a decode step [6.0]
+  --decode-step-ms-per-request MS  decode step cost per running request [0.37]
+  --decode-ms-per-token MS         time per output token, free model [8.0]
   --default-output-tokens N        output length without max_tokens [64]
   --max-output-tokens N            output length cap [512]
   --time-scale F                   multiplies every sleep (tests) [1.0]
@@ -213,12 +268,25 @@ where
             "--latency-data" => c.latency_data = Some(PathBuf::from(value)),
             "--encoder-variant" => c.encoder_variant = text(&flag, value)?,
             "--speed-factor" => c.speed_factor = num(&flag, value)?,
-            "--preprocess-ms-per-mpixel" => c.preprocess_ms_per_mpixel = num(&flag, value)?,
+            "--encode-preprocess-ms-per-mpixel" => c.encode_preprocess_ms_per_mpixel = num(&flag, value)?,
+            "--pd-preprocess-ms-per-mpixel" => c.pd_preprocess_ms_per_mpixel = num(&flag, value)?,
+            "--preprocess-ms-per-mpixel" => {
+                let ms = num(&flag, value)?;
+                c.encode_preprocess_ms_per_mpixel = ms;
+                c.pd_preprocess_ms_per_mpixel = ms;
+            }
             "--jitter-sigma" => c.jitter_sigma = num(&flag, value)?,
             "--seed" => c.seed = num(&flag, value)?,
             "--encode-gpus" => c.encode_gpus = num(&flag, value)?,
             "--pd-gpus" => c.pd_gpus = num(&flag, value)?,
             "--max-num-batched-tokens" => c.max_num_batched_tokens = num(&flag, value)?,
+            "--decode-model" => {
+                let s = text(&flag, value)?;
+                c.decode_model = DecodeModel::parse(&s)
+                    .ok_or_else(|| CliError(format!("--decode-model: expected queued or free, not `{s}`")))?;
+            }
+            "--decode-step-ms" => c.decode_step_ms = num(&flag, value)?,
+            "--decode-step-ms-per-request" => c.decode_step_ms_per_request = num(&flag, value)?,
             "--decode-ms-per-token" => c.decode_ms_per_token = num(&flag, value)?,
             "--default-output-tokens" => c.default_output_tokens = num(&flag, value)?,
             "--max-output-tokens" => c.max_output_tokens = num(&flag, value)?,
@@ -236,6 +304,17 @@ where
 }
 
 impl Config {
+    /// CPU preprocessing per megapixel of the (encode, PD) instances.
+    pub fn preprocess_rates(&self) -> (f64, f64) {
+        match self.preprocess_ms_per_mpixel {
+            ms if ms >= 0.0 => (ms, ms),
+            _ => (
+                self.encode_preprocess_ms_per_mpixel,
+                self.pd_preprocess_ms_per_mpixel,
+            ),
+        }
+    }
+
     /// Checks ranges the time model and the servers rely on.
     pub fn validate(&self) -> Result<(), CliError> {
         let positive = [
@@ -248,14 +327,23 @@ impl Config {
             }
         }
         let non_negative = [
-            ("--preprocess-ms-per-mpixel", self.preprocess_ms_per_mpixel),
+            (
+                "--encode-preprocess-ms-per-mpixel",
+                self.encode_preprocess_ms_per_mpixel,
+            ),
+            ("--pd-preprocess-ms-per-mpixel", self.pd_preprocess_ms_per_mpixel),
             ("--jitter-sigma", self.jitter_sigma),
+            ("--decode-step-ms", self.decode_step_ms),
+            ("--decode-step-ms-per-request", self.decode_step_ms_per_request),
             ("--decode-ms-per-token", self.decode_ms_per_token),
         ];
         for (flag, v) in non_negative {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(CliError(format!("{flag} must be a non-negative number")));
             }
+        }
+        if !self.preprocess_ms_per_mpixel.is_finite() {
+            return Err(CliError("--preprocess-ms-per-mpixel must be a number".into()));
         }
         let at_least_one = [
             ("--encode-gpus", self.encode_gpus as u64),
@@ -304,6 +392,70 @@ mod tests {
         assert_eq!((c.role, c.encode_port, c.pd_port), (Role::Both, 8100, 8200));
         assert_eq!(c.encoder_variant, "batched_sdpa");
         assert_eq!(c.max_num_batched_tokens, 16_384);
+        // The rates measured on the GPUs (bench/results/gpu/README.md).
+        assert_eq!(
+            (c.encode_preprocess_ms_per_mpixel, c.pd_preprocess_ms_per_mpixel),
+            (28.0, 18.0)
+        );
+        assert_eq!(c.preprocess_rates(), (28.0, 18.0));
+        assert_eq!(c.decode_model, DecodeModel::Queued);
+        assert_eq!((c.decode_step_ms, c.decode_step_ms_per_request), (6.0, 0.37));
+        assert_eq!(c.decode_ms_per_token, 8.0);
+        // The usage text states the same defaults.
+        for text in [
+            "--encode-preprocess-ms-per-mpixel MS",
+            "megapixel [28.0]",
+            "--pd-preprocess-ms-per-mpixel MS PD instance CPU preprocessing per",
+            "megapixel [18.0]",
+            "--preprocess-ms-per-mpixel MS    sets both of the above",
+            "--decode-ms-per-token, not queued [queued]",
+            "--decode-step-ms MS              fixed cost of a decode step [6.0]",
+            "--decode-step-ms-per-request MS  decode step cost per running request [0.37]",
+            "--decode-ms-per-token MS         time per output token, free model [8.0]",
+        ] {
+            assert!(USAGE.contains(text), "{text}");
+        }
+    }
+
+    #[test]
+    fn the_compatibility_flags_give_the_old_time_model() {
+        // `--preprocess-ms-per-mpixel` sets both roles ...
+        let c = run(&["--decode-model", "free", "--preprocess-ms-per-mpixel", "4"]).expect("flags");
+        assert_eq!(c.decode_model, DecodeModel::Free);
+        assert_eq!(c.preprocess_rates(), (4.0, 4.0));
+        assert_eq!(
+            c,
+            Config {
+                decode_model: DecodeModel::Free,
+                encode_preprocess_ms_per_mpixel: 4.0,
+                pd_preprocess_ms_per_mpixel: 4.0,
+                ..Config::default()
+            }
+        );
+        // ... and a per-role flag after it overrides one of them.
+        let c = run(&[
+            "--preprocess-ms-per-mpixel",
+            "4",
+            "--pd-preprocess-ms-per-mpixel",
+            "9",
+        ])
+        .expect("flags");
+        assert_eq!(c.preprocess_rates(), (4.0, 9.0));
+        let c = run(&[
+            "--pd-preprocess-ms-per-mpixel",
+            "9",
+            "--preprocess-ms-per-mpixel",
+            "0",
+        ])
+        .expect("flags");
+        assert_eq!(c.preprocess_rates(), (0.0, 0.0));
+        // A `Config` built directly may set the shared rate.
+        let c = Config {
+            preprocess_ms_per_mpixel: 0.0,
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
+        assert_eq!(c.preprocess_rates(), (0.0, 0.0));
     }
 
     #[test]
@@ -322,7 +474,9 @@ mod tests {
             "varlen",
             "--speed-factor",
             "0.5",
-            "--preprocess-ms-per-mpixel",
+            "--encode-preprocess-ms-per-mpixel",
+            "30",
+            "--pd-preprocess-ms-per-mpixel",
             "0",
             "--jitter-sigma",
             "0",
@@ -336,6 +490,12 @@ mod tests {
             "4096",
             "--decode-ms-per-token",
             "4.5",
+            "--decode-model",
+            "free",
+            "--decode-step-ms",
+            "7",
+            "--decode-step-ms-per-request",
+            "0.5",
             "--default-output-tokens",
             "10",
             "--max-output-tokens",
@@ -351,6 +511,9 @@ mod tests {
         assert_eq!((c.encode_gpus, c.pd_gpus, c.seed), (2, 3, 9));
         assert_eq!((c.time_scale, c.decode_ms_per_token), (0.1, 4.5));
         assert_eq!(c.max_pixels, 1_003_520);
+        assert_eq!(c.preprocess_rates(), (30.0, 0.0));
+        assert_eq!(c.decode_model, DecodeModel::Free);
+        assert_eq!((c.decode_step_ms, c.decode_step_ms_per_request), (7.0, 0.5));
     }
 
     #[test]
@@ -360,6 +523,12 @@ mod tests {
             &["--time-scale", "0"],
             &["--speed-factor", "-1"],
             &["--jitter-sigma", "nan"],
+            &["--decode-model", "batched"],
+            &["--decode-step-ms", "-1"],
+            &["--decode-step-ms-per-request", "inf"],
+            &["--encode-preprocess-ms-per-mpixel", "-2"],
+            &["--pd-preprocess-ms-per-mpixel", "nan"],
+            &["--preprocess-ms-per-mpixel", "-4"],
             &["--encode-gpus", "0"],
             &["--pd-port", "70000"],
             &["--bogus", "1"],

@@ -15,6 +15,7 @@ pub mod error;
 pub mod latency;
 pub mod metrics;
 pub mod openai;
+pub mod pd;
 pub mod rng;
 pub mod sched;
 pub mod server;

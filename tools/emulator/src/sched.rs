@@ -13,12 +13,9 @@
 //!   (the fit's `a`) of all but one: batching shares the launch, not the
 //!   attention. Measured on the H100, four 1,344 px images in one call took
 //!   312.6 ms; this model gives 304.5 ms (4 × 87.23 − 3 × 14.8).
-//! - Prefill/decode: a GPU prefills one request at a time, first running the
-//!   vision encoder for the images the encoder cache lacks. Decoding is not
-//!   queued: every running request emits a token each
-//!   `--decode-ms-per-token`.
+//! - Prefill/decode: see [`crate::pd`].
 
-use crate::cache::EcCache;
+use crate::cli::DecodeModel;
 use crate::latency::LatencyModel;
 use crate::{lock, rng};
 use std::collections::VecDeque;
@@ -29,18 +26,48 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 
 const STREAM_ENCODE_BATCH: u64 = 1;
-const STREAM_PD_ENCODER: u64 = 2;
+pub(crate) const STREAM_PD_ENCODER: u64 = 2;
 const STREAM_PD_PREFILL: u64 = 3;
+const STREAM_PD_DECODE: u64 = 4;
+
+/// Which instance a server stands in for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleKind {
+    Encode,
+    Pd,
+}
+
+impl RoleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Encode => "encode",
+            Self::Pd => "pd",
+        }
+    }
+}
+
+/// `t + d` as a Tokio deadline (a year ahead if that overflows).
+pub fn after(t: std::time::Instant, d: Duration) -> tokio::time::Instant {
+    let far = Duration::from_secs(365 * 24 * 3600);
+    tokio::time::Instant::from_std(t.checked_add(d.min(far)).unwrap_or(t))
+}
 
 /// Service times, in emulated milliseconds, and their mapping to wall time.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TimeModel {
     pub latency: LatencyModel,
     pub speed_factor: f64,
-    pub preprocess_ms_per_mpixel: f64,
+    pub encode_preprocess_ms_per_mpixel: f64,
+    pub pd_preprocess_ms_per_mpixel: f64,
     pub jitter_sigma: f64,
     pub seed: u64,
     pub time_scale: f64,
+    pub decode_model: DecodeModel,
+    /// Fixed cost of a decode step (queued model).
+    pub decode_step_ms: f64,
+    /// Cost of a decode step per running request (queued model).
+    pub decode_step_ms_per_request: f64,
+    /// Time between output tokens (free model).
     pub decode_ms_per_token: f64,
 }
 
@@ -78,9 +105,21 @@ impl TimeModel {
         self.latency.prefill.ms(tokens as f64) * self.speed_factor * self.jitter(STREAM_PD_PREFILL, index)
     }
 
-    /// CPU preprocessing (resize, normalise, patchify) of `pixels` pixels.
-    pub fn preprocess_ms(&self, pixels: u64) -> f64 {
-        self.preprocess_ms_per_mpixel * pixels as f64 / 1e6
+    /// One decode step of a PD GPU serving `running` requests (step `index`).
+    pub fn decode_step_ms(&self, running: usize, index: u64) -> f64 {
+        (self.decode_step_ms + self.decode_step_ms_per_request * running as f64)
+            * self.speed_factor
+            * self.jitter(STREAM_PD_DECODE, index)
+    }
+
+    /// CPU preprocessing (body, base64, decode, resize, normalise) of
+    /// `pixels` pixels on the `role` instance.
+    pub fn preprocess_ms(&self, role: RoleKind, pixels: u64) -> f64 {
+        let rate = match role {
+            RoleKind::Encode => self.encode_preprocess_ms_per_mpixel,
+            RoleKind::Pd => self.pd_preprocess_ms_per_mpixel,
+        };
+        rate * pixels as f64 / 1e6
     }
 
     /// Wall time of `ms` emulated milliseconds (`ms * time_scale`).
@@ -151,6 +190,19 @@ impl<J> JobQueue<J> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Takes work with `take` if there is any, without waiting.
+    pub fn try_next(&self, take: impl FnOnce(&mut VecDeque<J>) -> Vec<J>) -> Vec<J> {
+        let (batch, more) = {
+            let mut q = lock(&self.jobs);
+            let batch = take(&mut q);
+            (batch, !q.is_empty())
+        };
+        if !batch.is_empty() && more {
+            self.ready.notify_one();
+        }
+        batch
     }
 
     /// Waits for work and takes it with `take`.
@@ -249,93 +301,6 @@ impl EncodePool {
     }
 }
 
-/// One request for a prefill/decode GPU.
-#[derive(Debug)]
-pub struct PrefillJob {
-    /// (encoder-cache key, visual tokens) per image.
-    pub images: Vec<(u128, u64)>,
-    pub prompt_tokens: u64,
-    pub started: Option<oneshot::Sender<()>>,
-    pub done: oneshot::Sender<PrefillDone>,
-}
-
-impl Job for PrefillJob {
-    fn tokens(&self) -> u64 {
-        self.prompt_tokens
-    }
-    fn cancelled(&self) -> bool {
-        self.done.is_closed()
-    }
-}
-
-/// What prefilling a request took.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PrefillDone {
-    /// Per image: found in the encoder cache.
-    pub hits: Vec<bool>,
-    /// Emulated encoder time for the cache misses (0 if all hit).
-    pub encode_ms: f64,
-    pub prefill_ms: f64,
-}
-
-/// The prefill/decode role's GPUs.
-#[derive(Debug, Clone)]
-pub struct PrefillPool {
-    queue: Arc<JobQueue<PrefillJob>>,
-}
-
-fn take_one(q: &mut VecDeque<PrefillJob>) -> Vec<PrefillJob> {
-    q.retain(|j| !j.cancelled());
-    q.pop_front().into_iter().collect()
-}
-
-impl PrefillPool {
-    /// Starts `gpus` GPU tasks. The cache is consulted when a prefill is
-    /// scheduled, as vLLM's scheduler asks its encoder-cache connector.
-    pub fn spawn(gpus: usize, time: Arc<TimeModel>, cache: Arc<EcCache>) -> (Self, Vec<JoinHandle<()>>) {
-        let queue = Arc::new(JobQueue::default());
-        let counter = Arc::new(AtomicU64::new(0));
-        let tasks = (0..gpus)
-            .map(|_| {
-                let (queue, time, cache, counter) =
-                    (queue.clone(), time.clone(), cache.clone(), counter.clone());
-                tokio::spawn(async move {
-                    loop {
-                        for mut job in queue.next(take_one).await {
-                            let id = counter.fetch_add(1, Ordering::Relaxed);
-                            if let Some(s) = job.started.take() {
-                                let _ = s.send(());
-                            }
-                            let hits: Vec<bool> =
-                                job.images.iter().map(|&(k, _)| cache.contains(k)).collect();
-                            let misses: Vec<u64> = job
-                                .images
-                                .iter()
-                                .zip(&hits)
-                                .filter(|(_, &hit)| !hit)
-                                .map(|(&(_, t), _)| t)
-                                .collect();
-                            let encode_ms = time.encoder_batch_ms(&misses, STREAM_PD_ENCODER, id);
-                            let prefill_ms = time.prefill_ms(job.prompt_tokens, id);
-                            tokio::time::sleep(time.wall(encode_ms + prefill_ms)).await;
-                            let _ = job.done.send(PrefillDone {
-                                hits,
-                                encode_ms,
-                                prefill_ms,
-                            });
-                        }
-                    }
-                })
-            })
-            .collect();
-        (Self { queue }, tasks)
-    }
-
-    pub fn submit(&self, job: PrefillJob) {
-        self.queue.push_all([job]);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,10 +344,14 @@ mod tests {
         TimeModel {
             latency: LatencyModel::builtin("batched_sdpa").expect("data"),
             speed_factor: 2.0,
-            preprocess_ms_per_mpixel: 4.0,
+            encode_preprocess_ms_per_mpixel: 28.0,
+            pd_preprocess_ms_per_mpixel: 18.0,
             jitter_sigma: sigma,
             seed: 3,
             time_scale: scale,
+            decode_model: DecodeModel::Queued,
+            decode_step_ms: 6.0,
+            decode_step_ms_per_request: 0.37,
             decode_ms_per_token: 8.0,
         }
     }
@@ -408,7 +377,8 @@ mod tests {
         assert_eq!(m.encoder_ms(1024, 1, 0), 2.0 * 47.32);
         assert_eq!(m.prefill_ms(4096, 0), 2.0 * 61.1);
         assert_eq!(m.encoder_ms(0, 1, 0), 0.0);
-        assert_eq!(m.preprocess_ms(2_000_000), 8.0);
+        assert_eq!(m.preprocess_ms(RoleKind::Encode, 2_000_000), 56.0);
+        assert_eq!(m.preprocess_ms(RoleKind::Pd, 2_000_000), 36.0);
         assert_eq!(m.wall(100.0), Duration::from_millis(50));
         assert!((m.emulated_ms(Duration::from_millis(50)) - 100.0).abs() < 1e-9);
         assert_eq!(m.wall(f64::INFINITY), Duration::MAX);
@@ -417,6 +387,20 @@ mod tests {
         assert_eq!(a, j.encoder_ms(1024, 1, 5));
         assert_ne!(a, j.encoder_ms(1024, 1, 6));
         assert!((a / (2.0 * 47.32) - 1.0).abs() < 0.3);
+    }
+
+    #[test]
+    fn a_decode_step_costs_a_base_plus_a_share_per_running_request() {
+        let m = model(1.0, 0.0);
+        // (6 + 0.37 x running) at speed factor 2.
+        assert!((m.decode_step_ms(1, 0) - 2.0 * 6.37).abs() < 1e-9);
+        assert!((m.decode_step_ms(8, 0) - 2.0 * (6.0 + 8.0 * 0.37)).abs() < 1e-9);
+        assert!(m.decode_step_ms(9, 0) > m.decode_step_ms(8, 0));
+        // Jittered like the other GPU times, deterministically per step.
+        let j = model(1.0, 0.05);
+        assert_eq!(j.decode_step_ms(4, 7), j.decode_step_ms(4, 7));
+        assert_ne!(j.decode_step_ms(4, 7), j.decode_step_ms(4, 8));
+        assert!((j.decode_step_ms(4, 7) / m.decode_step_ms(4, 7) - 1.0).abs() < 0.3);
     }
 
     #[test]

@@ -2,14 +2,16 @@
 
 use crate::analyse::{analyse, Analysis, Limits};
 use crate::cache::{CacheError, EcCache};
-use crate::cli::Config;
+use crate::cli::{Config, DecodeModel};
 use crate::debug::{DebugLog, FaultState, Faults, LogEntry, LogImage};
 use crate::error::ApiError;
 use crate::latency::{LatencyError, LatencyModel, BUILTIN_DATA};
 use crate::metrics::{FinishReason, Finished, Gauge, Metrics};
 use crate::openai::{self, Meta, Usage};
+use crate::pd::{Decoder, Pace, PrefillJob, PrefillPool};
 use crate::rng;
-use crate::sched::{EncodeJob, EncodePool, PrefillJob, PrefillPool, TimeModel};
+pub use crate::sched::RoleKind;
+use crate::sched::{after, EncodeJob, EncodePool, TimeModel};
 use bytes::Bytes;
 use http_body_util::channel::Channel;
 use http_body_util::combinators::BoxBody;
@@ -60,22 +62,6 @@ impl fmt::Display for StartError {
 }
 
 impl std::error::Error for StartError {}
-
-/// Which instance a server stands in for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RoleKind {
-    Encode,
-    Pd,
-}
-
-impl RoleKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Encode => "encode",
-            Self::Pd => "pd",
-        }
-    }
-}
 
 /// State shared by the instances of one process.
 struct Shared {
@@ -146,13 +132,18 @@ pub fn time_model(config: &Config) -> Result<TimeModel, StartError> {
         None => LatencyModel::from_json(BUILTIN_DATA, &config.encoder_variant),
     }
     .map_err(StartError::Latency)?;
+    let (encode_preprocess, pd_preprocess) = config.preprocess_rates();
     Ok(TimeModel {
         latency,
         speed_factor: config.speed_factor,
-        preprocess_ms_per_mpixel: config.preprocess_ms_per_mpixel,
+        encode_preprocess_ms_per_mpixel: encode_preprocess,
+        pd_preprocess_ms_per_mpixel: pd_preprocess,
         jitter_sigma: config.jitter_sigma,
         seed: config.seed,
         time_scale: config.time_scale,
+        decode_model: config.decode_model,
+        decode_step_ms: config.decode_step_ms,
+        decode_step_ms_per_request: config.decode_step_ms_per_request,
         decode_ms_per_token: config.decode_ms_per_token,
     })
 }
@@ -408,6 +399,25 @@ impl Stats {
     }
 }
 
+/// Why a request stopped before its last token.
+#[derive(Debug, Clone, Copy)]
+struct EarlyEnd {
+    status: u16,
+    code: &'static str,
+}
+
+/// The client went away: vLLM aborts the request.
+const CLIENT_GONE: EarlyEnd = EarlyEnd {
+    status: 499,
+    code: "client_disconnected",
+};
+
+/// The GPU task stopped (the emulator is shutting down).
+const DECODE_STOPPED: EarlyEnd = EarlyEnd {
+    status: 500,
+    code: "internal_error",
+};
+
 /// A request that reached its first token.
 struct Served {
     analysis: Analysis,
@@ -415,14 +425,9 @@ struct Served {
     first_token_at: Instant,
     output_tokens: u64,
     finish: FinishReason,
+    pace: Pace,
     /// Held until the last token.
     running: Option<GaugeGuard>,
-}
-
-/// `t + d` as a Tokio deadline (a year ahead if that overflows).
-fn after(t: Instant, d: Duration) -> tokio::time::Instant {
-    let far = Duration::from_secs(365 * 24 * 3600);
-    tokio::time::Instant::from_std(t.checked_add(d.min(far)).unwrap_or(t))
 }
 
 fn fmt_ms(ms: f64) -> String {
@@ -544,7 +549,7 @@ impl Instance {
         let time = &self.shared.time;
         // Preprocessing: the modelled CPU time, or the real decoding time if
         // that was longer.
-        let preprocess_model = time.preprocess_ms(analysis.pixels());
+        let preprocess_model = time.preprocess_ms(self.role, analysis.pixels());
         tokio::time::sleep_until(after(arrival, time.wall(preprocess_model))).await;
         let mut stats = Stats {
             preprocess_ms: self.emulated_ms(arrival.elapsed()),
@@ -563,11 +568,11 @@ impl Instance {
                 ),
             },
         };
-        let running = match &self.engine {
+        let outcome = match &self.engine {
             Engine::Encode(pool) => self.encode(pool, &analysis, &mut stats).await,
-            Engine::Pd(pool) => self.prefill(pool, &analysis, &mut stats).await,
+            Engine::Pd(pool) => self.prefill(pool, &analysis, output_tokens, &mut stats).await,
         };
-        let running = match running {
+        let (running, pace) = match outcome {
             Ok(r) => r,
             Err(e) => return Err((e, Some(analysis))),
         };
@@ -579,6 +584,7 @@ impl Instance {
             first_token_at,
             output_tokens,
             finish,
+            pace,
             running,
         })
     }
@@ -590,7 +596,7 @@ impl Instance {
         pool: &EncodePool,
         analysis: &Analysis,
         stats: &mut Stats,
-    ) -> Result<Option<GaugeGuard>, ApiError> {
+    ) -> Result<(Option<GaugeGuard>, Pace), ApiError> {
         let cache = &self.shared.cache;
         stats.hits = analysis
             .images
@@ -607,7 +613,7 @@ impl Instance {
         self.metrics
             .ec_lookups((stats.hits.len() - misses.len()) as u64, misses.len() as u64);
         if misses.is_empty() {
-            return Ok(None);
+            return Ok((None, Pace::Done));
         }
         let enqueued = Instant::now();
         let waiting = GaugeGuard::new(&self.metrics, Gauge::Waiting);
@@ -646,17 +652,28 @@ impl Instance {
         }
         stats.encode_ms = batches.values().sum();
         stats.queue_ms = (self.emulated_ms(enqueued.elapsed()) - stats.encode_ms).max(0.0);
-        Ok(None)
+        Ok((None, Pace::Done))
     }
 
     /// The prefill/decode role: one prefill at a time per GPU, running the
-    /// encoder first for images the cache lacks.
+    /// encoder first for images the cache lacks; with the queued decode
+    /// model that GPU's decode steps make the `output_tokens - 1` others.
     async fn prefill(
         &self,
         pool: &PrefillPool,
         analysis: &Analysis,
+        output_tokens: u64,
         stats: &mut Stats,
-    ) -> Result<Option<GaugeGuard>, ApiError> {
+    ) -> Result<(Option<GaugeGuard>, Pace), ApiError> {
+        let time = &self.shared.time;
+        let (decoder, pace) = match (time.decode_model, output_tokens > 1) {
+            (DecodeModel::Queued, true) => {
+                let (d, rx) = Decoder::new(output_tokens - 1);
+                (Some(d), Pace::Steps(rx, 0))
+            }
+            (DecodeModel::Queued, false) => (None, Pace::Done),
+            (DecodeModel::Free, _) => (None, Pace::Free(time.decode_ms_per_token)),
+        };
         let enqueued = Instant::now();
         let waiting = GaugeGuard::new(&self.metrics, Gauge::Waiting);
         let (started_tx, started_rx) = oneshot::channel();
@@ -668,6 +685,7 @@ impl Instance {
                 .map(|i| (i.pixel_hash, i.visual_tokens))
                 .collect(),
             prompt_tokens: analysis.prompt_tokens(),
+            decoder,
             started: Some(started_tx),
             done: done_tx,
         });
@@ -683,7 +701,7 @@ impl Instance {
         stats.encode_ms = done.encode_ms;
         stats.prefill_ms = done.prefill_ms;
         stats.queue_ms = (self.emulated_ms(enqueued.elapsed()) - done.encode_ms - done.prefill_ms).max(0.0);
-        Ok(Some(running))
+        Ok((Some(running), pace))
     }
 
     fn meta(&self, analysis: &Analysis) -> Meta {
@@ -736,11 +754,25 @@ impl Instance {
         entry.completion_tokens = usage.completion_tokens;
         entry.ttft_ms = Some(served.stats.ttft_ms);
         let (seed, key) = (self.shared.config.seed, served.analysis.body_hash);
-        let step_ms = self.shared.time.decode_ms_per_token;
-        let token_at = |i: u64| after(served.first_token_at, self.shared.time.wall(i as f64 * step_ms));
+        let time = self.shared.time.clone();
+        let first = served.first_token_at;
+        let mut served = served;
 
         if !served.analysis.params.stream() {
-            tokio::time::sleep_until(token_at(served.output_tokens.saturating_sub(1))).await;
+            let last = served.output_tokens.saturating_sub(1);
+            if !served.pace.until(&time, first, last).await {
+                entry.status = 500;
+                entry.error = Some(DECODE_STOPPED.code);
+                self.shared.log.push(entry);
+                let e = ApiError::with_status(
+                    DECODE_STOPPED.status,
+                    DECODE_STOPPED.code,
+                    "the decode GPU stopped",
+                );
+                let mut resp = error_response(&e);
+                self.stats_headers(&mut resp, Some(&served.analysis), &served.stats);
+                return resp;
+            }
             let content = openai::text(seed, key, served.output_tokens);
             let body = openai::completion(&meta, &content, served.finish, usage);
             self.finish(&served, arrival, entry);
@@ -762,39 +794,41 @@ impl Instance {
         let inst = self.clone();
         tokio::spawn(async move {
             let n = served.output_tokens;
-            let mut sent = tx
-                .send_data(openai::sse(&openai::role_chunk(&meta, include_usage)).into())
-                .await
-                .is_ok();
+            let mut ended = None;
+            let role = openai::sse(&openai::role_chunk(&meta, include_usage));
+            if tx.send_data(role.into()).await.is_err() {
+                ended = Some(CLIENT_GONE);
+            }
             for i in 0..n {
-                if !sent {
+                if ended.is_some() {
                     break;
                 }
-                tokio::time::sleep_until(after(
-                    served.first_token_at,
-                    inst.shared.time.wall(i as f64 * step_ms),
-                ))
-                .await;
+                if !served.pace.until(&time, first, i).await {
+                    ended = Some(DECODE_STOPPED);
+                    break;
+                }
                 let finish = (i + 1 == n).then_some(served.finish);
                 let chunk = openai::token_chunk(&meta, &openai::token(seed, key, i), finish, include_usage);
-                sent = tx.send_data(openai::sse(&chunk).into()).await.is_ok();
+                if tx.send_data(openai::sse(&chunk).into()).await.is_err() {
+                    ended = Some(CLIENT_GONE);
+                }
             }
-            if sent && include_usage {
-                sent = tx
-                    .send_data(openai::sse(&openai::usage_chunk(&meta, usage)).into())
-                    .await
-                    .is_ok();
+            if ended.is_none() && include_usage {
+                let chunk = openai::sse(&openai::usage_chunk(&meta, usage));
+                if tx.send_data(chunk.into()).await.is_err() {
+                    ended = Some(CLIENT_GONE);
+                }
             }
-            if sent {
-                sent = tx.send_data(Bytes::from_static(openai::SSE_DONE)).await.is_ok();
+            if ended.is_none() && tx.send_data(Bytes::from_static(openai::SSE_DONE)).await.is_err() {
+                ended = Some(CLIENT_GONE);
             }
-            if sent {
-                inst.finish(&served, arrival, entry);
-            } else {
-                // The client went away: vLLM aborts the request.
-                entry.status = 499;
-                entry.error = Some("client_disconnected");
-                inst.shared.log.push(entry);
+            match ended {
+                None => inst.finish(&served, arrival, entry),
+                Some(end) => {
+                    entry.status = end.status;
+                    entry.error = Some(end.code);
+                    inst.shared.log.push(entry);
+                }
             }
             drop(served.running);
         });

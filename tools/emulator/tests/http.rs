@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use vlm_budget::core::base64buf::encode_into;
 use vlm_budget::core::probe::ImageFormat;
 use vlm_budget::core::transcode::{encode, Layout, Pixels};
-use vlm_emulator::cli::{self, Command as Cli};
+use vlm_emulator::cli::{self, Command as Cli, Config, DecodeModel};
+use vlm_emulator::sched::{RoleKind, TimeModel};
 use vlm_emulator::server::{self, Running};
 
 /// An emulator on its own runtime, driven by blocking clients.
@@ -22,19 +23,25 @@ struct Emu {
     _rt: tokio::runtime::Runtime,
 }
 
+/// The configuration the flags give, with ephemeral ports and no jitter.
+fn config(args: &[&str]) -> Config {
+    let mut all = vec!["--encode-port", "0", "--pd-port", "0", "--jitter-sigma", "0"];
+    all.extend_from_slice(args);
+    let Ok(Cli::Run(config)) = cli::parse(all.iter().copied()) else {
+        panic!("bad flags {all:?}");
+    };
+    *config
+}
+
 impl Emu {
     fn start(args: &[&str]) -> Self {
-        let mut all = vec!["--encode-port", "0", "--pd-port", "0", "--jitter-sigma", "0"];
-        all.extend_from_slice(args);
-        let Ok(Cli::Run(config)) = cli::parse(all.iter().copied()) else {
-            panic!("bad flags {all:?}");
-        };
+        let config = config(args);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .expect("runtime");
-        let running = rt.block_on(server::start(*config)).expect("start");
+        let running = rt.block_on(server::start(config)).expect("start");
         Self { running, _rt: rt }
     }
 
@@ -99,8 +106,9 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
     }
 }
 
-/// One HTTP/1.1 exchange over a fresh connection.
-fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+/// Sends one HTTP/1.1 request over a fresh connection; the reply is left
+/// to read.
+fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> TcpStream {
     let mut s = TcpStream::connect(addr).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(20)))
         .expect("timeout");
@@ -114,6 +122,12 @@ fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], bo
     head.push_str("\r\n");
     s.write_all(head.as_bytes()).expect("write head");
     s.write_all(body).expect("write body");
+    s
+}
+
+/// One HTTP/1.1 exchange over a fresh connection.
+fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let mut s = send(addr, method, path, headers, body);
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read");
     let done = Instant::now();
@@ -206,6 +220,57 @@ fn request(images: &[&[u8]], extra: Value) -> Value {
 fn metric(text: &str, name: &str) -> f64 {
     let (_, samples) = exposition::parse(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
     samples.iter().filter(|s| s.name == name).map(|s| s.value).sum()
+}
+
+/// A streamed chat request, left open once its first token arrived.
+struct OpenStream {
+    _conn: TcpStream,
+    /// When the first bytes of the response (its head) arrived.
+    first_byte: Instant,
+    /// When the chunk of the first token arrived.
+    first_token: Instant,
+}
+
+/// Sends a streamed chat request and reads until the first token's chunk
+/// (the second `data:` event, after the role chunk).
+fn stream_to_first_token(addr: SocketAddr, body: &Value, request_id: &str) -> OpenStream {
+    let bytes = serde_json::to_vec(body).expect("json");
+    let headers = [("content-type", "application/json"), ("x-request-id", request_id)];
+    let mut conn = send(addr, "POST", "/v1/chat/completions", &headers, &bytes);
+    let mut raw = Vec::new();
+    let mut first_byte = None;
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = conn.read(&mut buf).expect("read");
+        assert!(
+            n > 0,
+            "closed before the first token: {}",
+            String::from_utf8_lossy(&raw)
+        );
+        first_byte.get_or_insert_with(Instant::now);
+        raw.extend_from_slice(&buf[..n]);
+        if raw.windows(7).filter(|w| w == b"data: {").count() >= 2 {
+            break;
+        }
+    }
+    OpenStream {
+        _conn: conn,
+        first_byte: first_byte.unwrap_or_else(Instant::now),
+        first_token: Instant::now(),
+    }
+}
+
+/// Polls the metrics until `done` holds for them (or fails after 20 s).
+fn wait_for_metrics(addr: SocketAddr, what: &str, done: impl Fn(&str) -> bool) -> String {
+    let give_up = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = get(addr, "/metrics").text();
+        if done(&m) {
+            return m;
+        }
+        assert!(Instant::now() < give_up, "never {what}:\n{m}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 fn debug_log(addr: SocketAddr) -> Vec<Value> {
@@ -439,14 +504,7 @@ fn sse_events(body: &str) -> Vec<String> {
 
 #[test]
 fn streams_sse_chunks_in_order_with_usage_when_asked() {
-    let emu = Emu::start(&[
-        "--role",
-        "pd",
-        "--time-scale",
-        "0.1",
-        "--decode-ms-per-token",
-        "20",
-    ]);
+    let emu = Emu::start(&["--role", "pd", "--time-scale", "0.1", "--decode-step-ms", "20"]);
     let pd = emu.pd();
     let img = png(308, 308, 9);
     let body = request(
@@ -508,12 +566,131 @@ fn streams_sse_chunks_in_order_with_usage_when_asked() {
     assert_eq!(events.len(), 1 + 2 + 1);
     assert!(events[..3].iter().all(|e| !e.contains("\"usage\"")));
 
-    // Tokens are paced by the decode step: 4 steps of 20 ms after the first.
+    // Tokens come from decode steps of at least 20 + 0.37 ms (one running
+    // request), after the prefill: a lower bound that load cannot break.
     let log = debug_log(pd);
     let first = &log[0];
     assert_eq!(first["stream"], true);
-    let decode_ms = first["e2e_ms"].as_f64().unwrap_or(0.0) - first["ttft_ms"].as_f64().unwrap_or(0.0);
-    assert!(decode_ms >= 4.0 * 20.0 * 0.95, "{decode_ms}");
+    let e2e_ms = first["e2e_ms"].as_f64().unwrap_or(0.0);
+    assert!(e2e_ms >= 4.0 * 20.37 + r.ms("x-emulator-prefill-ms"), "{e2e_ms}");
+}
+
+#[test]
+fn decode_steps_are_pd_gpu_work_that_prefills_queue_behind() {
+    // One PD GPU whose decode steps never end (10^9 emulated ms).
+    let emu = Emu::start(&["--role", "pd", "--time-scale", "0.01", "--decode-step-ms", "1e9"]);
+    let pd = emu.pd();
+    // The first token comes at the end of the prefill; the next would need a step.
+    let stream = request(&[], json!({"max_tokens": 5, "stream": true}));
+    let _decoding = stream_to_first_token(pd, &stream, "decoding");
+    // The GPU is now in a step with one running request: a new prefill
+    // waits behind it. (Should a probe reach the GPU before the step began,
+    // it is served with its one token, and the next probe waits.)
+    let probe = request(&[], json!({"max_tokens": 1}));
+    let mut probes = Vec::new();
+    let m = loop {
+        assert!(
+            probes.len() < 3,
+            "every probe was served: decoding does not hold the GPU"
+        );
+        let id = format!("probe{}", probes.len());
+        let body = serde_json::to_vec(&probe).expect("json");
+        probes.push(send(
+            pd,
+            "POST",
+            "/v1/chat/completions",
+            &[("x-request-id", &id)],
+            &body,
+        ));
+        let served = || debug_log(pd).iter().any(|e| e["request_id"] == id.as_str());
+        let m = wait_for_metrics(pd, "a waiting prefill or a served probe", |m| {
+            metric(m, "vllm:num_requests_waiting") == 1.0 || served()
+        });
+        if metric(&m, "vllm:num_requests_waiting") == 1.0 {
+            break m;
+        }
+    };
+    // Running: the request in decode; waiting: the queued prefill.
+    assert_eq!(metric(&m, "vllm:num_requests_running"), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "vllm:request_success_total"),
+        (probes.len() - 1) as f64
+    );
+}
+
+#[test]
+fn the_old_time_model_stays_available_by_flags() {
+    // The defaults: per-role preprocessing measured on the GPUs, decode
+    // steps as PD GPU work.
+    let new = server::time_model(&config(&[])).expect("model");
+    assert_eq!(new.preprocess_ms(RoleKind::Encode, 1_000_000), 28.0);
+    assert_eq!(new.preprocess_ms(RoleKind::Pd, 1_000_000), 18.0);
+    assert_eq!(new.decode_model, DecodeModel::Queued);
+    assert!((new.decode_step_ms(10, 0) - (6.0 + 10.0 * 0.37)).abs() < 1e-9);
+    // `--decode-model free --preprocess-ms-per-mpixel 4`: the model before
+    // both, nothing else changed.
+    let old = server::time_model(&config(&[
+        "--decode-model",
+        "free",
+        "--preprocess-ms-per-mpixel",
+        "4",
+    ]))
+    .expect("model");
+    assert_eq!(old.preprocess_ms(RoleKind::Encode, 1_000_000), 4.0);
+    assert_eq!(old.preprocess_ms(RoleKind::Pd, 1_000_000), 4.0);
+    assert_eq!(
+        (old.decode_model, old.decode_ms_per_token),
+        (DecodeModel::Free, 8.0)
+    );
+    assert_eq!(
+        old,
+        TimeModel {
+            encode_preprocess_ms_per_mpixel: 4.0,
+            pd_preprocess_ms_per_mpixel: 4.0,
+            decode_model: DecodeModel::Free,
+            ..new
+        }
+    );
+
+    // Served: decode steps never hold the GPU (even endless ones, which the
+    // free model ignores), and tokens come --decode-ms-per-token apart.
+    let emu = Emu::start(&[
+        "--role",
+        "pd",
+        "--time-scale",
+        "0.05",
+        "--decode-model",
+        "free",
+        "--preprocess-ms-per-mpixel",
+        "4",
+        "--decode-step-ms",
+        "1e9",
+    ]);
+    let pd = emu.pd();
+    let img = png(1000, 1000, 5);
+    let r = chat(pd, &request(&[&img], json!({"max_tokens": 6})), "free");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.ms("x-emulator-preprocess-ms") >= 4.0);
+    let entry = &debug_log(pd)[0];
+    let decode_ms = entry["e2e_ms"].as_f64().unwrap_or(0.0) - entry["ttft_ms"].as_f64().unwrap_or(0.0);
+    assert!(decode_ms >= 5.0 * 8.0, "{decode_ms}");
+    let again = chat(pd, &request(&[], json!({"max_tokens": 3})), "next");
+    assert_eq!(again.status, 200, "{}", again.text());
+}
+
+#[test]
+fn preprocessing_is_charged_per_role() {
+    // A 1000x1000 image is one megapixel: at least 28 ms on the encode
+    // instance and 18 ms on PD (the real decoding counts if longer).
+    let emu = Emu::start(&["--role", "both", "--time-scale", "0.05"]);
+    let img = png(1000, 1000, 6);
+    let body = request(&[&img], json!({"max_tokens": 1}));
+    let e = chat(emu.encode(), &body, "e");
+    let p = chat(emu.pd(), &body, "p");
+    assert_eq!((e.status, p.status), (200, 200));
+    assert!(e.ms("x-emulator-preprocess-ms") >= 28.0, "{:?}", e.headers);
+    assert!(p.ms("x-emulator-preprocess-ms") >= 18.0, "{:?}", p.headers);
+    assert!(p.ms("x-emulator-ttft-ms") >= p.ms("x-emulator-preprocess-ms"));
 }
 
 #[test]
@@ -598,7 +775,46 @@ fn endpoints_faults_and_the_debug_log() {
     let t = Instant::now();
     let r = chat(pd, &body, "ok");
     assert_eq!(r.status, 200);
-    assert!(t.elapsed() >= Duration::from_millis(80), "the dela#[test]
+    assert!(t.elapsed() >= Duration::from_millis(80), "the delay stays");
+    let state = get(pd, "/debug/faults").json();
+    assert_eq!(
+        state,
+        json!({"extra_delay_ms": 80, "fail_status": 503, "fail_count": 0})
+    );
+    let bad = post_json(pd, "/debug/faults", &json!({"fail_status": 42}), &[]);
+    assert_eq!(bad.status, 400);
+    assert_eq!(post_json(pd, "/debug/faults", &json!({}), &[]).status, 200);
+
+    let statuses: Vec<u64> = debug_log(pd)
+        .iter()
+        .filter_map(|e| e["status"].as_u64())
+        .collect();
+    assert_eq!(statuses, [503, 503, 200, 200]);
+    let cleared = http(pd, "DELETE", "/debug/requests", &[], b"");
+    assert_eq!(cleared.json()["cleared"], 4);
+    assert!(debug_log(enc).is_empty());
+}
+
+#[test]
+fn a_fault_delay_comes_before_the_first_streamed_token() {
+    let emu = Emu::start(&["--role", "pd", "--time-scale", "0.01"]);
+    let pd = emu.pd();
+    let f = post_json(pd, "/debug/faults", &json!({"extra_delay_ms": 300}), &[]);
+    assert_eq!(f.status, 200, "{}", f.text());
+    let sent = Instant::now();
+    let s = stream_to_first_token(
+        pd,
+        &request(&[], json!({"max_tokens": 3, "stream": true})),
+        "slow",
+    );
+    // The delay is added before the response starts: its head and its first
+    // token come at least 300 ms of wall time after the request was sent.
+    let delay = Duration::from_millis(300);
+    assert!(s.first_byte - sent >= delay, "{:?}", s.first_byte - sent);
+    assert!(s.first_token - sent >= delay, "{:?}", s.first_token - sent);
+}
+
+#[test]
 fn binary_logs_its_ports_and_serves() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_vlm-emulator"))
         .args(["--role", "both", "--encode-port", "0", "--pd-port", "0"])
