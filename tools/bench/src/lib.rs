@@ -13,6 +13,7 @@ pub mod fit;
 pub mod http;
 pub mod images;
 pub mod plot;
+pub mod prediction;
 pub mod procs;
 pub mod profile;
 pub mod replay;

@@ -1,6 +1,10 @@
 //! The raw results file: every request of every run, with the setup.
+//!
+//! Files written before a field existed still read: a request without the
+//! filter's newer headers simply lacks them.
 
 use crate::error::{BenchError, Result};
+use crate::prediction::{self, Terms};
 use crate::procs::CpuUsage;
 use crate::trace::Shape;
 use serde::{Deserialize, Serialize};
@@ -31,7 +35,9 @@ pub struct RequestRecord {
     /// Send start to the end of the stream.
     pub e2e_ms: Option<f64>,
     pub output_tokens: u64,
-    /// The filter's `x-vlm-*` and the emulator's `x-emulator-*` response headers.
+    /// The filter's `x-vlm-*` and the emulator's `x-emulator-*` response
+    /// headers, among them the dynamic policy's prediction
+    /// (`x-vlm-predicted-ttft-ms`, `x-vlm-ttft-margin-ms`, `x-vlm-ttft-terms`).
     pub headers: BTreeMap<String, String>,
 }
 
@@ -40,8 +46,28 @@ impl RequestRecord {
         self.error.is_none() && self.status == Some(200) && self.ttft_ms.is_some()
     }
 
+    /// A header as a finite number; None when absent or not a number.
     pub fn header_f64(&self, name: &str) -> Option<f64> {
-        self.headers.get(name).and_then(|v| v.trim().parse().ok())
+        self.headers
+            .get(name)
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite())
+    }
+
+    /// The filter's TTFT prediction before the learned correction, ms.
+    pub fn predicted_ttft_ms(&self) -> Option<f64> {
+        self.header_f64(prediction::PREDICTED)
+    }
+
+    /// The learned correction the budget planned with, ms (absent on builds
+    /// that do not send it).
+    pub fn ttft_margin_ms(&self) -> Option<f64> {
+        self.header_f64(prediction::MARGIN)
+    }
+
+    /// The prediction's terms, ms.
+    pub fn ttft_terms(&self) -> Option<Terms> {
+        self.headers.get(prediction::TERMS).and_then(|v| Terms::parse(v))
     }
 
     /// Visual tokens before and after the filter, and the image count.
@@ -130,4 +156,22 @@ pub fn now_unix_s() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A run as files written before the newer prediction headers existed
+    /// hold it.
+    const OLD_RUN: &str = r#"{"policy":"dynamic","trace":"peak-4","shape":{"base_rps":1.0,"peak_rps":4.0,"ramp_s":10.0,"hold_s":30.0,"decay_s":10.0},"plugin_config":null,"started_unix_s":1.0,"wall_s":50.0,"cpu":null,"requests":[{"index":0,"request_id":"peak-4-dynamic-0","arrival_s":0.5,"sent_s":0.501,"images":["img-00000.jpg"],"image_tokens":4000,"body_bytes":100,"status":200,"error":null,"ttft_ms":420.0,"tpot_ms":8.0,"e2e_ms":930.0,"output_tokens":64,"headers":{"x-vlm-predicted-ttft-ms":"380","x-vlm-visual-tokens-before":"4000","x-vlm-visual-tokens-after":"3000"}}]}"#;
+
+    #[test]
+    fn older_runs_read_without_the_newer_fields() {
+        let run: Run = serde_json::from_str(OLD_RUN).unwrap();
+        let r = &run.requests[0];
+        assert_eq!(r.predicted_ttft_ms(), Some(380.0));
+        assert_eq!((r.ttft_margin_ms(), r.ttft_terms()), (None, None));
+        assert_eq!(r.tokens(), (1, 4000, 3000));
+    }
 }

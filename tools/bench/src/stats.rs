@@ -1,4 +1,7 @@
-//! Percentiles, SLO attainment and token retention.
+//! Percentiles, distributions, spreads over runs, SLO attainment and token
+//! retention.
+
+use serde::Serialize;
 
 /// The p-th percentile (0..=100) of `values` by linear interpolation between
 /// order statistics (NumPy's default); None for no values. NaNs are ignored.
@@ -38,6 +41,62 @@ pub fn slo_attainment(ttfts: &[Option<f64>], slo_ms: f64) -> Option<f64> {
         .filter(|t| matches!(t, Some(v) if *v <= slo_ms))
         .count();
     Some(met as f64 / ttfts.len() as f64)
+}
+
+/// Size, mean and p10/p50/p90/p99 of a sample (non-finite values left out).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct Dist {
+    pub n: usize,
+    pub mean: Option<f64>,
+    pub p10: Option<f64>,
+    pub p50: Option<f64>,
+    pub p90: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+impl Dist {
+    pub fn of(values: &[f64]) -> Self {
+        let v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        Self {
+            n: v.len(),
+            mean: mean(&v),
+            p10: percentile(&v, 10.0),
+            p50: percentile(&v, 50.0),
+            p90: percentile(&v, 90.0),
+            p99: percentile(&v, 99.0),
+        }
+    }
+}
+
+/// The lowest and the highest of per-run values, and how many runs had one.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Spread {
+    pub min: f64,
+    pub max: f64,
+    pub runs: usize,
+}
+
+/// The spread of per-run values; runs without a value (None, NaN) are left
+/// out. None when no run has a value.
+pub fn spread(values: impl IntoIterator<Item = Option<f64>>) -> Option<Spread> {
+    values
+        .into_iter()
+        .flatten()
+        .filter(|v| !v.is_nan())
+        .fold(None, |acc: Option<Spread>, v| {
+            Some(match acc {
+                None => Spread {
+                    min: v,
+                    max: v,
+                    runs: 1,
+                },
+                Some(s) => Spread {
+                    min: s.min.min(v),
+                    max: s.max.max(v),
+                    runs: s.runs + 1,
+                },
+            })
+        })
 }
 
 /// Visual tokens of the images sent and of those forwarded.
@@ -130,6 +189,30 @@ mod tests {
         assert_eq!(r.kept_per_image(), Some(2_500.0));
         assert_eq!(r.original_per_image(), Some(6_391.0));
         assert!((r.ratio().unwrap() - 5_000.0 / 12_782.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn distributions_and_spreads() {
+        let d = Dist::of(&[40.0, 10.0, 20.0, 30.0, f64::NAN, f64::INFINITY]);
+        assert_eq!(d.n, 4);
+        assert_eq!(d.mean, Some(25.0));
+        // numpy.percentile([10, 20, 30, 40], [10, 50, 90, 99]) == [13, 25, 37, 39.7]
+        assert!((d.p10.unwrap() - 13.0).abs() < 1e-9);
+        assert_eq!(d.p50, Some(25.0));
+        assert!((d.p90.unwrap() - 37.0).abs() < 1e-9);
+        assert!((d.p99.unwrap() - 39.7).abs() < 1e-9);
+        // Negative values (observed faster than predicted) are ordinary values.
+        let d = Dist::of(&[-300.0, 100.0]);
+        assert_eq!((d.p50, d.mean), (Some(-100.0), Some(-100.0)));
+        assert_eq!(Dist::of(&[]), Dist::default());
+        assert_eq!(Dist::of(&[]).p50, None);
+
+        let s = spread([Some(0.8), None, Some(0.6), Some(0.95), Some(f64::NAN)]).unwrap();
+        assert_eq!((s.min, s.max, s.runs), (0.6, 0.95, 3));
+        let one = spread([Some(2.0)]).unwrap();
+        assert_eq!((one.min, one.max, one.runs), (2.0, 2.0, 1));
+        assert_eq!(spread([None, None]), None);
+        assert_eq!(spread(Vec::<Option<f64>>::new()), None);
     }
 
     #[test]
