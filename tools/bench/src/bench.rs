@@ -1,7 +1,7 @@
-//! The whole experiment: traces, images, and for every (trace, policy) a
-//! fresh Envoy with the filter configured for the policy in front of the
-//! backends (restarted for cold encoder caches), an open-loop replay, then the
-//! report.
+//! The whole experiment: traces (one per peak and seed, plus user traces),
+//! images, and for every (trace, policy) a fresh Envoy with the filter
+//! configured for the policy in front of the backends (restarted for cold
+//! encoder caches), an open-loop replay, then the report.
 
 use crate::envoy;
 use crate::error::{BenchError, Result};
@@ -50,7 +50,8 @@ pub struct BenchOptions {
     pub ramp_s: f64,
     pub hold_s: f64,
     pub decay_s: f64,
-    pub seed: u64,
+    /// Every peak is run once per seed: its own arrivals and its own images.
+    pub seeds: Vec<u64>,
     pub slo_ms: f64,
     pub static_budget: u64,
     pub plugin_overrides: Vec<(String, Value)>,
@@ -58,7 +59,7 @@ pub struct BenchOptions {
     pub pool_dir: PathBuf,
     pub sizes: Vec<u32>,
     pub jpeg_quality: u8,
-    /// Use these image files (chosen by seed) instead of building a pool.
+    /// Use these image files (in an order per seed) instead of building pools.
     pub images: Option<PathBuf>,
     pub prompt: String,
     pub max_tokens: u64,
@@ -96,66 +97,96 @@ fn shape(o: &BenchOptions, peak: f64) -> Shape {
     }
 }
 
-/// The generated and user traces, with images assigned.
-pub fn build_traces(o: &BenchOptions) -> Result<(Vec<Trace>, Value)> {
-    let mut traces = Vec::new();
-    let mut arrivals = Vec::new();
-    for &peak in &o.peaks {
-        let s = shape(o, peak);
-        arrivals.push((
-            s,
-            trace::arrivals(&s, derive(o.seed, (peak * 1000.0).round() as u64))?,
-        ));
+/// Checks a seed list: not empty, no seed twice.
+pub fn check_seeds(seeds: &[u64]) -> Result<()> {
+    if seeds.is_empty() {
+        return Err(BenchError::Usage("--seeds: no seed given".into()));
     }
-    let needed: usize = arrivals.iter().map(|(_, a)| a.len()).sum();
-    let image_info;
-    let mut pick: Box<dyn Iterator<Item = PathBuf>> = match &o.images {
+    let mut sorted = seeds.to_vec();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0] == w[1]) {
+        return Err(BenchError::Usage(format!("--seeds: seed {} given twice", w[0])));
+    }
+    Ok(())
+}
+
+/// The arrivals of the trace of `peak` under `seed`.
+pub fn seeded_arrivals(s: &Shape, seed: u64) -> Result<Vec<f64>> {
+    trace::arrivals(s, derive(seed, (s.peak_rps * 1000.0).round() as u64))
+}
+
+/// Where the pool of `seed` is cached.
+pub fn pool_dir(o: &BenchOptions, seed: u64) -> PathBuf {
+    o.pool_dir.join(format!("seed-{seed}"))
+}
+
+/// The images of one seed's traces, in order: the seed's own pool (`needed`
+/// distinct images), or the files of `--images` in the seed's order.
+fn seed_images(o: &BenchOptions, seed: u64, needed: usize) -> Result<(Vec<PathBuf>, Option<Value>)> {
+    if needed == 0 {
+        return Ok((Vec::new(), None));
+    }
+    match &o.images {
         Some(dir) => {
             let mut files = images::list_images(dir)?;
-            Rng::new(derive(o.seed, 77)).shuffle(&mut files);
-            image_info = json!(format!(
-                "{} image files from {} (seeded order{})",
-                files.len(),
-                dir.display(),
-                if files.len() < needed {
-                    ", repeated: the encoder cache will hit on repeats"
-                } else {
-                    ""
-                }
-            ));
-            Box::new(files.into_iter().cycle().take(needed))
-        }
-        None if needed == 0 => {
-            image_info = Value::Null;
-            Box::new(std::iter::empty())
+            Rng::new(derive(seed, 77)).shuffle(&mut files);
+            let n = files.len();
+            let note = (n < needed).then(|| {
+                json!(format!(
+                    "seed {seed}: {needed} requests but {n} image files: repeated, the encoder cache will hit on repeats"
+                ))
+            });
+            Ok((files.into_iter().cycle().take(needed).collect(), note))
         }
         None => {
-            let pool = images::build_pool(
-                &o.photos,
-                &o.pool_dir,
-                needed,
-                &o.sizes,
-                o.seed,
-                o.jpeg_quality,
-                o.threads,
-            )?;
-            image_info = pool_description(o, &pool);
-            let dir = o.pool_dir.clone();
-            Box::new(
-                pool.into_iter()
-                    .map(move |p| dir.join(p.file))
-                    .collect::<Vec<_>>()
-                    .into_iter(),
-            )
+            let dir = pool_dir(o, seed);
+            let pool =
+                images::build_pool(&o.photos, &dir, needed, &o.sizes, seed, o.jpeg_quality, o.threads)?;
+            let info = json!(format!("seed {seed}: {}", pool_description(o, &pool)));
+            Ok((pool.into_iter().map(|p| dir.join(p.file)).collect(), Some(info)))
         }
+    }
+}
+
+/// The generated traces (seed by seed, peak by peak) and the user traces,
+/// with images assigned, and a description of the images.
+pub fn build_traces(o: &BenchOptions) -> Result<(Vec<Trace>, Value)> {
+    let mut traces = Vec::new();
+    let mut image_info = Vec::new();
+    let seeds: &[u64] = if o.peaks.is_empty() {
+        &[]
+    } else {
+        check_seeds(&o.seeds)?;
+        &o.seeds
     };
-    for (s, a) in arrivals {
-        let requests = trace::with_images(&a, &mut pick, &o.prompt, o.max_tokens)?;
-        traces.push(Trace {
-            name: format!("peak-{}", report::fmt_rate(s.peak_rps)),
-            shape: Some(s),
-            requests,
-        });
+    for &seed in seeds {
+        let mut arrivals = Vec::new();
+        for &peak in &o.peaks {
+            let s = shape(o, peak);
+            arrivals.push((s, seeded_arrivals(&s, seed)?));
+        }
+        let needed: usize = arrivals.iter().map(|(_, a)| a.len()).sum();
+        let (files, info) = seed_images(o, seed, needed)?;
+        image_info.extend(info);
+        let mut pick = files.into_iter();
+        for (s, a) in arrivals {
+            let requests = trace::with_images(&a, &mut pick, &o.prompt, o.max_tokens)?;
+            traces.push(Trace {
+                name: format!("peak-{}", report::fmt_rate(s.peak_rps)),
+                seed: Some(seed),
+                shape: Some(s),
+                requests,
+            });
+        }
+    }
+    if let (Some(dir), false) = (&o.images, traces.is_empty()) {
+        image_info.insert(
+            0,
+            json!(format!(
+                "image files from {} in a seeded order per seed",
+                dir.display()
+            )),
+        );
     }
     for path in &o.traces {
         let requests = trace::read_jsonl(path)?;
@@ -164,16 +195,32 @@ pub fn build_traces(o: &BenchOptions) -> Result<(Vec<Trace>, Value)> {
             .map_or_else(|| "trace".into(), |s| s.to_string_lossy().into_owned());
         traces.push(Trace {
             name,
+            seed: None,
             shape: None,
             requests,
         });
     }
-    let mut names: Vec<&str> = traces.iter().map(|t| t.name.as_str()).collect();
-    names.sort_unstable();
-    if names.windows(2).any(|w| w[0] == w[1]) {
+    // Runs of one name are pooled: a user trace may not share a generated one's.
+    let generated: Vec<&str> = traces
+        .iter()
+        .filter(|t| t.seed.is_some())
+        .map(|t| t.name.as_str())
+        .collect();
+    let mut labels: Vec<String> = traces.iter().map(Trace::label).collect();
+    labels.sort_unstable();
+    if labels.windows(2).any(|w| w[0] == w[1])
+        || traces
+            .iter()
+            .any(|t| t.seed.is_none() && generated.contains(&t.name.as_str()))
+    {
         return Err(BenchError::Usage("two traces have the same name".into()));
     }
-    Ok((traces, image_info))
+    let info = match image_info.len() {
+        0 => Value::Null,
+        1 => image_info.remove(0),
+        _ => Value::Array(image_info),
+    };
+    Ok((traces, info))
 }
 
 fn pool_description(o: &BenchOptions, pool: &[images::PoolImage]) -> Value {
@@ -347,6 +394,7 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
     let mut setup: BTreeMap<String, Value> = BTreeMap::new();
     let mut described = Vec::new();
     for t in &traces {
+        let label = t.label();
         // Image paths relative to the trace file, as `trace::read_jsonl` resolves them.
         let portable: Vec<trace::TraceRequest> = t
             .requests
@@ -356,21 +404,34 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
                 ..r.clone()
             })
             .collect();
-        trace::write_jsonl(&trace_dir.join(format!("{}.jsonl", t.name)), &portable)?;
+        trace::write_jsonl(&trace_dir.join(format!("{label}.jsonl")), &portable)?;
         let s = trace::summarise(&t.requests);
         let shape = t.shape.map_or_else(|| "user trace".to_string(), |s| s.describe());
         described.push(json!(format!(
-            "{}: {shape}; {} requests, {} images, {} output tokens max, last arrival {:.1} s, busiest second {} arrivals (traces/{}.jsonl)",
-            t.name,
+            "{label}: {shape}; {} requests, {} images, {} output tokens max, last arrival {:.1} s, busiest second {} arrivals (traces/{label}.jsonl)",
             s.requests,
             s.images,
             t.requests.first().map_or(0, |r| r.max_tokens),
             s.duration_s,
             s.peak_1s,
-            t.name
         )));
     }
     setup.insert("traces".into(), Value::Array(described));
+    let seeds: Vec<u64> = traces.iter().filter_map(|t| t.seed).fold(Vec::new(), |mut v, s| {
+        if !v.contains(&s) {
+            v.push(s);
+        }
+        v
+    });
+    if !seeds.is_empty() {
+        setup.insert(
+            "seeds".into(),
+            json!(format!(
+                "{} (each peak once per seed: arrivals and images from the seed; results pooled over seeds, with the spread between them)",
+                seeds.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+            )),
+        );
+    }
     if !image_info.is_null() {
         setup.insert("images".into(), image_info);
     }
@@ -422,7 +483,8 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
         runs: Vec::new(),
     };
     // Trace-major with a restart per run (neighbouring runs compare policies
-    // under the same background load); policy-major otherwise.
+    // under the same background load; traces go seed by seed, so a partial
+    // experiment has whole seeds); policy-major otherwise.
     let mut plan: Vec<(usize, &str)> = Vec::new();
     if o.restart == Restart::PerRun {
         for ti in 0..traces.len() {
@@ -438,7 +500,7 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
     let results_path = o.out.join("results.json");
     for (k, &(ti, policy)) in plan.iter().enumerate() {
         let t = &traces[ti];
-        let tag = format!("{}-{policy}", t.name);
+        let tag = format!("{}-{policy}", t.label());
         let restart = o.restart == Restart::PerRun || last_policy != Some(policy);
         if restart || backend.is_none() {
             drop(backend.take());
@@ -455,7 +517,7 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
                 "run {}/{}: {} under {policy} ({} requests)",
                 k + 1,
                 plan.len(),
-                t.name,
+                t.label(),
                 t.requests.len()
             );
         }
@@ -485,6 +547,7 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
         let run = Run {
             policy: policy.to_string(),
             trace: t.name.clone(),
+            seed: t.seed,
             shape: t.shape,
             plugin_config: Some(plugin),
             started_unix_s: started,
@@ -493,10 +556,20 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
             requests: records,
         };
         if o.progress {
-            let s = report::summarise(&run, o.slo_ms);
+            let s = report::summarise(&run, o.slo_ms).figures;
             let f = |v: Option<f64>| v.map_or_else(|| "–".into(), |v| format!("{v:.0}"));
+            let p = &s.prediction;
+            let predicted = if p.requests > 0 {
+                format!(
+                    ", observed − predicted TTFT p50 {} p90 {} ms",
+                    f(p.before.p50),
+                    f(p.before.p90)
+                )
+            } else {
+                String::new()
+            };
             eprintln!(
-                "  {}: {} requests, {} errors, TTFT p50 {} p90 {} p99 {} ms, TTFT ≤ SLO {:.1}%, retention {:.1}%",
+                "  {}: {} requests, {} errors, TTFT p50 {} p90 {} p99 {} ms, TTFT ≤ SLO {:.1}%, retention {:.1}%{predicted}",
                 tag,
                 s.requests,
                 s.errors,
@@ -525,6 +598,113 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn options(images: &Path, seeds: Vec<u64>, peaks: Vec<f64>) -> BenchOptions {
+        BenchOptions {
+            out: "out".into(),
+            policies: vec!["vanilla".into()],
+            peaks,
+            traces: Vec::new(),
+            base_rps: 1.0,
+            ramp_s: 1.0,
+            hold_s: 4.0,
+            decay_s: 1.0,
+            seeds,
+            slo_ms: 1000.0,
+            static_budget: 4096,
+            plugin_overrides: Vec::new(),
+            photos: "photos".into(),
+            pool_dir: "pool".into(),
+            sizes: vec![512],
+            jpeg_quality: 90,
+            images: Some(images.to_path_buf()),
+            prompt: "p".into(),
+            max_tokens: 8,
+            model: "m".into(),
+            envoy: "envoy".into(),
+            wasm: "w.wasm".into(),
+            envoy_concurrency: 1,
+            backends: BackendMode::Emulator {
+                binary: "emu".into(),
+                args: Vec::new(),
+            },
+            restart: Restart::PerRun,
+            ready_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+            log_dir: "logs".into(),
+            font: "font.ttf".into(),
+            cooldown: Duration::ZERO,
+            ignore_eos: false,
+            threads: 1,
+            progress: false,
+            command: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn one_trace_per_peak_and_seed() {
+        let dir = std::env::temp_dir().join(format!("vlm-bench-seeds-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..200 {
+            std::fs::write(dir.join(format!("i{i:03}.jpg")), b"x").unwrap();
+        }
+        let o = options(&dir, vec![1, 2], vec![4.0, 5.0]);
+        let (traces, info) = build_traces(&o).unwrap();
+        let labels: Vec<String> = traces.iter().map(Trace::label).collect();
+        assert_eq!(
+            labels,
+            ["peak-4-seed-1", "peak-5-seed-1", "peak-4-seed-2", "peak-5-seed-2"]
+        );
+        assert_eq!(traces[2].name, "peak-4");
+        assert_eq!(traces[2].seed, Some(2));
+        // Seed 1 draws the arrivals a single-seed experiment with seed 1 drew.
+        let s4 = shape(&o, 4.0);
+        let times = |t: &Trace| t.requests.iter().map(|r| r.arrival_s).collect::<Vec<_>>();
+        assert_eq!(times(&traces[0]), trace::arrivals(&s4, derive(1, 4000)).unwrap());
+        assert_eq!(times(&traces[0]), seeded_arrivals(&s4, 1).unwrap());
+        // Another seed: other arrivals and another image order.
+        assert_ne!(times(&traces[0]), times(&traces[2]));
+        let imgs = |t: &Trace| {
+            t.requests
+                .iter()
+                .flat_map(|r| r.images.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_ne!(imgs(&traces[0])[..5], imgs(&traces[2])[..5]);
+        // Within a seed no image repeats across its traces.
+        let seed1: Vec<PathBuf> = imgs(&traces[0]).into_iter().chain(imgs(&traces[1])).collect();
+        let distinct: std::collections::BTreeSet<&PathBuf> = seed1.iter().collect();
+        assert_eq!(distinct.len(), seed1.len());
+        // The same options give the same traces.
+        assert_eq!(build_traces(&o).unwrap().0, traces);
+        assert!(
+            info.as_str().is_some_and(|s| s.contains("order per seed")),
+            "{info}"
+        );
+        // A single seed keeps working; seeds must be distinct and not empty.
+        let one = build_traces(&options(&dir, vec![1], vec![4.0])).unwrap().0;
+        assert_eq!(one.len(), 1);
+        assert_eq!(one[0], traces[0]);
+        assert!(build_traces(&options(&dir, vec![1, 2, 1], vec![4.0])).is_err());
+        assert!(build_traces(&options(&dir, vec![], vec![4.0])).is_err());
+        // Without peaks the seeds do not matter (user traces only).
+        assert!(build_traces(&options(&dir, vec![], vec![])).unwrap().0.is_empty());
+        // A user trace may not take a generated trace's name.
+        let user = dir.join("peak-4.jsonl");
+        std::fs::write(
+            &user,
+            "{\"arrival_s\": 0, \"prompt\": \"hi\", \"max_tokens\": 1}\n",
+        )
+        .unwrap();
+        let mut with_user = options(&dir, vec![1], vec![5.0]);
+        with_user.traces = vec![user];
+        let t = build_traces(&with_user).unwrap().0;
+        assert_eq!((t[1].label(), t[1].seed), ("peak-4".to_string(), None));
+        with_user.peaks = vec![4.0];
+        assert!(build_traces(&with_user).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(pool_dir(&o, 3), PathBuf::from("pool/seed-3"));
+    }
 
     #[test]
     fn relative_paths_resolve_back() {

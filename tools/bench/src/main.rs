@@ -210,7 +210,7 @@ const PROFILE_FLAGS: [Flag; 17] = [
     switch("quiet", "no progress on stderr"),
 ];
 
-const BENCH_FLAGS: [Flag; 38] = [
+const BENCH_FLAGS: [Flag; 39] = [
     opt(
         "out",
         "DIR",
@@ -234,7 +234,13 @@ const BENCH_FLAGS: [Flag; 38] = [
     SHAPE_FLAGS[1],
     SHAPE_FLAGS[2],
     SHAPE_FLAGS[3],
-    opt("seed", "N", Some("1"), "seed of arrivals and images"),
+    opt(
+        "seeds",
+        "LIST",
+        Some("1,2,3"),
+        "seeds: every peak runs once per seed, with the seed's own arrivals and images",
+    ),
+    opt("seed", "N", None, "one seed only (short for --seeds N)"),
     opt(
         "slo-ms",
         "MS",
@@ -483,6 +489,7 @@ fn cmd_run(a: &Args, command: Vec<String>) -> Result<()> {
         runs: vec![Run {
             policy,
             trace: name,
+            seed: None,
             shape: None,
             plugin_config: None,
             started_unix_s: started,
@@ -493,7 +500,7 @@ fn cmd_run(a: &Args, command: Vec<String>) -> Result<()> {
     };
     let out = a.path("out")?;
     results.write(&out)?;
-    let s = report::summarise(&results.runs[0], slo);
+    let s = report::summarise(&results.runs[0], slo).figures;
     eprintln!(
         "{}: {} requests, {} errors, TTFT p50 {:.0} ms, p99 {:.0} ms",
         out.display(),
@@ -593,6 +600,18 @@ fn cmd_bench(a: &Args, command: Vec<String>) -> Result<()> {
     for &p in &peaks {
         shape_from(a, p)?;
     }
+    let seeds: Vec<u64> = match (a.given("seed"), a.given("seeds")) {
+        (true, true) => {
+            return Err(BenchError::Usage(
+                "--seed and --seeds: give one (--seed N is --seeds N)".into(),
+            ))
+        }
+        (true, false) => vec![a.num("seed")?],
+        _ => a.list("seeds")?,
+    };
+    if !peaks.is_empty() {
+        bench::check_seeds(&seeds)?;
+    }
     let external = a.switch("no-start-backends") || a.given("backend-cmd");
     let backends = if external {
         BackendMode::External {
@@ -633,7 +652,7 @@ fn cmd_bench(a: &Args, command: Vec<String>) -> Result<()> {
         ramp_s: a.f64("ramp-s")?,
         hold_s: a.f64("hold-s")?,
         decay_s: a.f64("decay-s")?,
-        seed: a.num("seed")?,
+        seeds,
         slo_ms: a.f64("slo-ms")?,
         static_budget: a.num("static-budget")?,
         plugin_overrides: a
@@ -666,7 +685,7 @@ fn cmd_bench(a: &Args, command: Vec<String>) -> Result<()> {
     };
     let w = runtime()?.block_on(bench::run(&o))?;
     eprintln!("{}", w.report.display());
-    print!("{}", report::table(&w.summaries, o.slo_ms));
+    print!("{}", report::pooled_table(&w.pooled, o.slo_ms));
     Ok(())
 }
 

@@ -1,7 +1,8 @@
 //! The raw results file: every request of every run, with the setup.
 //!
-//! Files written before a field existed still read: a request without the
-//! filter's newer headers simply lacks them.
+//! Files written before a field existed still read: a run without `seed` has
+//! none (one run per trace and policy), and a request without the filter's
+//! newer headers simply lacks them.
 
 use crate::error::{BenchError, Result};
 use crate::prediction::{self, Terms};
@@ -88,7 +89,13 @@ impl RequestRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Run {
     pub policy: String,
+    /// The trace's name; runs of one generated trace shape under different
+    /// seeds share it (`peak-4`) and differ in `seed`.
     pub trace: String,
+    /// Seed of a generated trace's arrivals and images; None for user traces
+    /// and for files from before seeds were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
     #[serde(default)]
     pub shape: Option<Shape>,
     #[serde(default)]
@@ -162,16 +169,25 @@ pub fn now_unix_s() -> f64 {
 mod tests {
     use super::*;
 
-    /// A run as files written before the newer prediction headers existed
-    /// hold it.
+    /// A run as files written before seeds and the newer prediction headers
+    /// existed hold it.
     const OLD_RUN: &str = r#"{"policy":"dynamic","trace":"peak-4","shape":{"base_rps":1.0,"peak_rps":4.0,"ramp_s":10.0,"hold_s":30.0,"decay_s":10.0},"plugin_config":null,"started_unix_s":1.0,"wall_s":50.0,"cpu":null,"requests":[{"index":0,"request_id":"peak-4-dynamic-0","arrival_s":0.5,"sent_s":0.501,"images":["img-00000.jpg"],"image_tokens":4000,"body_bytes":100,"status":200,"error":null,"ttft_ms":420.0,"tpot_ms":8.0,"e2e_ms":930.0,"output_tokens":64,"headers":{"x-vlm-predicted-ttft-ms":"380","x-vlm-visual-tokens-before":"4000","x-vlm-visual-tokens-after":"3000"}}]}"#;
 
     #[test]
     fn older_runs_read_without_the_newer_fields() {
         let run: Run = serde_json::from_str(OLD_RUN).unwrap();
+        assert_eq!(run.seed, None);
         let r = &run.requests[0];
         assert_eq!(r.predicted_ttft_ms(), Some(380.0));
         assert_eq!((r.ttft_margin_ms(), r.ttft_terms()), (None, None));
         assert_eq!(r.tokens(), (1, 4000, 3000));
+        // Written back without a seed, and read again the same.
+        let text = serde_json::to_string(&run).unwrap();
+        assert!(!text.contains("\"seed\""));
+        assert_eq!(serde_json::from_str::<Run>(&text).unwrap(), run);
+        let seeded = Run { seed: Some(2), ..run };
+        let text = serde_json::to_string(&seeded).unwrap();
+        assert!(text.contains("\"seed\":2"));
+        assert_eq!(serde_json::from_str::<Run>(&text).unwrap().seed, Some(2));
     }
 }

@@ -160,13 +160,27 @@ pub struct TraceRequest {
     pub max_tokens: u64,
 }
 
-/// A trace: its name (used in reports and file names) and its requests.
+/// A trace: its name (shared by the seeds of one generated shape, used in
+/// reports), its seed and its requests.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Trace {
     pub name: String,
+    /// The seed of a generated trace's arrivals and images.
+    pub seed: Option<u64>,
     /// The generating shape, for generated traces.
     pub shape: Option<Shape>,
     pub requests: Vec<TraceRequest>,
+}
+
+impl Trace {
+    /// The name with the seed, unique per trace: `peak-4-seed-1`, or the name
+    /// alone without a seed (file names, log tags).
+    pub fn label(&self) -> String {
+        match self.seed {
+            Some(s) => format!("{}-seed-{s}", self.name),
+            None => self.name.clone(),
+        }
+    }
 }
 
 /// Requests at the given arrivals, each with the next image from `images`.
