@@ -116,8 +116,9 @@ soak: wasm emulator venv
 	$(PY) tools/soak.py --seconds $(SOAK_SECONDS) --report bench/results/soak.json
 
 # TTFT under bursty traces: vanilla, static and dynamic through Envoy + the
-# filter + the emulated EPD cluster, peaks 4/5/7/10 req/s (tools/bench);
-# writes bench/results/emulated/. Extra flags: make bench BENCH_ARGS="...".
+# filter + the emulated EPD cluster, peaks 4/5/7/10 req/s, seeds 1/2/3
+# (tools/bench; about 40 minutes); writes bench/results/emulated/.
+# Extra flags: make bench BENCH_ARGS="..." (e.g. --seed 1 for one seed).
 BENCH_ARGS ?=
 .PHONY: bench
 bench: wasm emulator venv testdata
