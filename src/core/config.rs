@@ -240,9 +240,9 @@ fn bad(field: &str, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Recent TTFT samples (effective, after decay) needed before the learned
+/// TTFT samples (since the histogram was created) needed before the learned
 /// margin replaces the prior `overhead_ms`.
-pub const MARGIN_MIN_SAMPLES: f64 = 3.0;
+pub const MARGIN_MIN_SAMPLES: u64 = 3;
 
 /// Hard ceiling on `max_body_bytes`: a VM's linear memory is capped near
 /// 1 GiB and a rewrite holds the body about three times over.

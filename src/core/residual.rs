@@ -7,7 +7,9 @@
 //! host keeps the encoded histogram in proxy-wasm shared data and updates it
 //! with compare-and-swap), and quick to follow the backend both ways: every
 //! bucket's weight decays with time constant `window_s`, so a new residual
-//! counts at once and an old one fades within a few windows.
+//! counts at once and an old one fades within a few windows. Decay scales
+//! every weight alike, so after a quiet spell the percentile is still the
+//! one last learned — and the next residual outweighs all of it.
 
 /// Lowest residual a bucket holds, ms (smaller ones count in the first).
 pub const LOW_MS: f64 = -1000.0;
@@ -16,7 +18,7 @@ pub const WIDTH_MS: f64 = 20.0;
 /// Number of buckets: residuals from -1 s to +5 s (larger count in the last).
 pub const BUCKETS: usize = 300;
 /// Serialised size of a [`ResidualHistogram`].
-pub const HISTOGRAM_BYTES: usize = 16 + 4 * BUCKETS;
+pub const HISTOGRAM_BYTES: usize = 24 + 4 * BUCKETS;
 
 /// Decayed weights of residuals per bucket.
 #[derive(Debug, Clone, PartialEq)]
@@ -25,6 +27,8 @@ pub struct ResidualHistogram {
     pub at_us: u64,
     /// Sum of the weights (kept with the buckets).
     pub total: f64,
+    /// Residuals recorded since the histogram was created.
+    pub samples: u64,
     pub weights: Vec<f32>,
 }
 
@@ -33,6 +37,7 @@ impl Default for ResidualHistogram {
         Self {
             at_us: 0,
             total: 0.0,
+            samples: 0,
             weights: vec![0.0; BUCKETS],
         }
     }
@@ -70,14 +75,14 @@ impl ResidualHistogram {
             return;
         }
         self.decay_to(now_us, window_s);
+        if self.total < 1e-20 {
+            // Everything before has faded below what f32 holds: start over.
+            self.weights.iter_mut().for_each(|w| *w = 0.0);
+        }
         self.weights[bucket_of(residual_ms)] += 1.0;
         // Recomputed from the buckets so rounding never drifts.
         self.total = self.weights.iter().map(|&w| f64::from(w)).sum();
-    }
-
-    /// The effective number of recent samples at `now_us`.
-    pub fn weight_at(&self, now_us: u64, window_s: f64) -> f64 {
-        self.total * super::traffic::decay(self.at_us, now_us.max(self.at_us), window_s)
+        self.samples = self.samples.saturating_add(1);
     }
 
     /// The residual at quantile `q` (0..1): the upper edge of the bucket
@@ -107,6 +112,7 @@ impl ResidualHistogram {
         let mut out = Vec::with_capacity(HISTOGRAM_BYTES);
         out.extend_from_slice(&self.at_us.to_le_bytes());
         out.extend_from_slice(&self.total.to_le_bytes());
+        out.extend_from_slice(&self.samples.to_le_bytes());
         for w in &self.weights {
             out.extend_from_slice(&w.to_le_bytes());
         }
@@ -123,7 +129,9 @@ impl ResidualHistogram {
         let at_us = u64::from_le_bytes(w8);
         w8.copy_from_slice(&bytes[8..16]);
         let total = f64::from_le_bytes(w8);
-        let weights: Vec<f32> = bytes[16..]
+        w8.copy_from_slice(&bytes[16..24]);
+        let samples = u64::from_le_bytes(w8);
+        let weights: Vec<f32> = bytes[24..]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
@@ -133,6 +141,7 @@ impl ResidualHistogram {
         Self {
             at_us,
             total,
+            samples,
             weights,
         }
     }
@@ -145,18 +154,18 @@ pub struct MarginRule {
     pub percentile: f64,
     /// Time constant of the residuals' decay, s (`correction_window_s`).
     pub window_s: f64,
-    /// Effective samples needed before the histogram replaces the prior.
-    pub min_samples: f64,
+    /// Samples needed before the histogram replaces the prior.
+    pub min_samples: u64,
     /// The margin before that (`overhead_ms`).
     pub prior_ms: f64,
 }
 
 impl MarginRule {
-    /// The margin at `now_us`: the residual at the percentile, never below
-    /// zero (the model is never trusted beyond itself), or the prior while
-    /// too few recent samples exist.
-    pub fn margin_ms(&self, h: &ResidualHistogram, now_us: u64) -> f64 {
-        if h.weight_at(now_us, self.window_s) < self.min_samples {
+    /// The margin: the residual at the percentile, never below zero (the
+    /// model is never trusted beyond itself), or the prior until enough
+    /// samples exist (a cold start).
+    pub fn margin_ms(&self, h: &ResidualHistogram) -> f64 {
+        if h.samples < self.min_samples {
             return self.prior_ms;
         }
         h.quantile(self.percentile).map_or(self.prior_ms, |q| q.max(0.0))
@@ -173,7 +182,7 @@ mod tests {
         MarginRule {
             percentile: 0.99,
             window_s: 10.0,
-            min_samples: 3.0,
+            min_samples: 3,
             prior_ms: 100.0,
         }
     }
@@ -181,21 +190,21 @@ mod tests {
     #[test]
     fn prior_until_enough_samples_then_the_percentile() {
         let mut h = ResidualHistogram::default();
-        assert_eq!(rule().margin_ms(&h, 5 * S), 100.0);
+        assert_eq!(rule().margin_ms(&h), 100.0);
         h.record(30.0, 5 * S, 10.0);
         h.record(35.0, 5 * S + 1, 10.0);
-        assert_eq!(rule().margin_ms(&h, 5 * S + 2), 100.0);
+        assert_eq!(rule().margin_ms(&h), 100.0);
         for i in 0..196u64 {
             h.record(-50.0 + (i % 10) as f64, 5 * S + 2 + i, 10.0);
         }
         // One slow sample in 199 (0.5 %): the 99th percentile is the bulk's
         // largest bucket (30-40 ms, upper edge 40).
         h.record(400.0, 5 * S + 300, 10.0);
-        assert_eq!(rule().margin_ms(&h, 5 * S + 301), 40.0);
+        assert_eq!(rule().margin_ms(&h), 40.0);
         // Three in 201 (1.5 %): the slow ones' bucket.
         h.record(400.0, 5 * S + 302, 10.0);
         h.record(400.0, 5 * S + 303, 10.0);
-        assert_eq!(rule().margin_ms(&h, 5 * S + 304), 420.0);
+        assert_eq!(rule().margin_ms(&h), 420.0);
         // The median is the bulk's bucket (upper edge).
         let med = h.quantile(0.5).unwrap_or(f64::NAN);
         assert!((-60.0..=-20.0).contains(&med), "{med}");
@@ -207,7 +216,7 @@ mod tests {
         for i in 0..20u64 {
             h.record(-300.0, S + i, 10.0);
         }
-        assert_eq!(rule().margin_ms(&h, S + 50), 0.0);
+        assert_eq!(rule().margin_ms(&h), 0.0);
     }
 
     #[test]
@@ -220,11 +229,11 @@ mod tests {
             h.record(20.0, t, r.window_s);
             t += 250_000;
         }
-        assert!(r.margin_ms(&h, t) <= 40.0);
+        assert!(r.margin_ms(&h) <= 40.0);
         // The backend slows down by 300 ms: one slow sample of ~41
         // effective ones is over 1 %, and moves the margin at once.
         h.record(320.0, t, r.window_s);
-        assert!(r.margin_ms(&h, t) >= 320.0, "{}", r.margin_ms(&h, t));
+        assert!(r.margin_ms(&h) >= 320.0, "{}", r.margin_ms(&h));
         for _ in 0..20 {
             t += 250_000;
             h.record(320.0, t, r.window_s);
@@ -234,19 +243,22 @@ mod tests {
             t += 250_000;
             h.record(20.0, t, r.window_s);
         }
-        assert!(r.margin_ms(&h, t) <= 40.0, "{}", r.margin_ms(&h, t));
+        assert!(r.margin_ms(&h) <= 40.0, "{}", r.margin_ms(&h));
     }
 
     #[test]
-    fn decays_without_samples_back_to_the_prior() {
+    fn after_a_quiet_spell_the_next_sample_outweighs_the_past() {
         let r = rule();
         let mut h = ResidualHistogram::default();
         for i in 0..50 {
             h.record(500.0, S + i, r.window_s);
         }
-        assert_eq!(r.margin_ms(&h, S + 100), 520.0);
-        // A minute of silence: too few recent samples, the prior again.
-        assert_eq!(r.margin_ms(&h, 61 * S), 100.0);
+        assert_eq!(r.margin_ms(&h), 520.0);
+        // Ten minutes later the old percentile still stands until a new
+        // residual comes; that one alone then decides.
+        h.record(10.0, 600 * S, r.window_s);
+        assert_eq!(r.margin_ms(&h), 20.0);
+        assert_eq!(h.samples, 51);
     }
 
     #[test]
@@ -272,7 +284,7 @@ mod tests {
         assert_eq!(ResidualHistogram::decode(&bytes), h);
         assert_eq!(ResidualHistogram::decode(b"short"), ResidualHistogram::default());
         let mut bad = bytes.clone();
-        bad[16..20].copy_from_slice(&f32::NAN.to_le_bytes());
+        bad[24..28].copy_from_slice(&f32::NAN.to_le_bytes());
         assert_eq!(ResidualHistogram::decode(&bad), ResidualHistogram::default());
     }
 }

@@ -58,7 +58,7 @@ impl Shared {
             .pd_metrics_cluster
             .as_ref()
             .and_then(|_| fresh(svc.pd_cluster()));
-        let margin = self.margin.margin_ms(&svc.residuals(), now_us);
+        let margin = self.margin.margin_ms(&svc.residuals());
         TrafficSnapshot::of(
             &svc.state(),
             (fresh(svc.cluster()), pd),
@@ -558,6 +558,12 @@ impl RequestFilter {
         } else if streamed {
             self.state = State::Streaming(FirstToken::default());
         } else {
+            // A plain answer comes whole: its headers time the answer, not
+            // the first token, so it is measured but teaches the model
+            // nothing.
+            if let Some(w) = &mut self.watch {
+                w.timed.prediction = None;
+            }
             self.first_token(host, svc);
         }
         Verdict::Continue
@@ -615,7 +621,7 @@ impl RequestFilter {
         if let Some(e) = error {
             let window = self.shared.margin.window_s;
             let h = svc.update_residuals(&mut |h| h.record(e, now, window));
-            svc.margin_ms(self.shared.margin.margin_ms(&h, now));
+            svc.margin_ms(self.shared.margin.margin_ms(&h));
         }
     }
 
@@ -1370,15 +1376,18 @@ mod tests {
     }
 
     #[test]
-    fn a_plain_answer_is_timed_at_its_headers_and_a_late_one_is_a_miss() {
+    fn a_plain_answer_is_timed_at_its_headers_but_teaches_nothing() {
         let (mut f, mut h, m) = forwarded(Some(200));
         answer(&mut h, "200", "application/json");
         h.now.set(2_500_000);
         f.on_response_headers(&mut h, &m);
-        assert_eq!(m.ttfts.borrow().len(), 1);
-        assert_eq!(m.ttfts.borrow()[0].0, 1500.0);
+        // Measured (a late one is a miss)...
+        assert_eq!(m.ttfts.borrow().clone(), vec![(1500.0, None)]);
         assert_eq!(m.counts.borrow()[Counter::SloMisses.name()], 1);
-        assert_eq!(m.state().pd_pending, 0);
+        // ...but its time includes the whole answer: no residual, no calibration.
+        assert_eq!(m.residuals.borrow().total, 0.0);
+        let s = m.state();
+        assert_eq!((s.pd_pending, s.pd_calibration_samples), (0, 0));
     }
 
     #[test]

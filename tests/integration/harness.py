@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -221,6 +222,27 @@ def post(url: str, body: bytes, path="/v1/chat/completions", headers=None, timeo
             return r.status, {k.lower(): v for k, v in r.headers.items()}, r.read()
     except urllib.error.HTTPError as e:
         return e.code, {k.lower(): v for k, v in e.headers.items()}, e.read()
+
+
+def post_streamed(url: str, body: bytes, path="/v1/chat/completions", headers=None, timeout=60):
+    """POST a streaming request; returns (status, headers, ms from send to the
+    first chunk carrying content, or None)."""
+    import http.client
+    parsed = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=timeout)
+    try:
+        start = time.monotonic()
+        conn.request("POST", path, body=body, headers={"content-type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        hdrs = {k.lower(): v for k, v in r.getheaders()}
+        first = None
+        for line in r:
+            if first is None and line.startswith(b"data:") and b'"content":"' in line \
+                    and b'"content":""' not in line:
+                first = (time.monotonic() - start) * 1000
+        return r.status, hdrs, first
+    finally:
+        conn.close()
 
 
 def image_bytes(width: int, height: int, fmt="PNG", mode="RGB", noise=False, **save) -> bytes:

@@ -114,14 +114,14 @@ def test_bench_smoke_all_policies(vlm_bench, wasm, tmp_path):
     p = run([vlm_bench, "bench", "--out", str(out), "--pool-dir", str(tmp_path / "pool"),
              "--log-dir", str(tmp_path / "logs"), "--peaks", "4", "--ramp-s", "1", "--hold-s", "2",
              "--decay-s", "1", "--sizes", "512,1024,2560", "--cooldown-s", "0", "--max-tokens", "8",
-             "--emulator-arg=--jitter-sigma=0", "--quiet"], timeout=240)
+             "--emulator-arg=--jitter-sigma=0", "--seeds", "1", "--quiet"], timeout=240)
     assert "| peak-4 | dynamic |" in p.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["backends"]["emulated"] is True
-    trace = (out / "traces/peak-4.jsonl").read_text().splitlines()
+    trace = (out / "traces/peak-4-seed-1.jsonl").read_text().splitlines()
     assert len(trace) >= 3
     # The written trace replays as it is: its image paths resolve from its folder.
-    summary = json.loads(run([vlm_bench, "trace", "--check", str(out / "traces/peak-4.jsonl")]).stdout)
+    summary = json.loads(run([vlm_bench, "trace", "--check", str(out / "traces/peak-4-seed-1.jsonl")]).stdout)
     assert summary["requests"] == summary["images"] == len(trace)
     runs = {r["policy"]: r for r in results["runs"]}
     assert set(runs) == {"vanilla", "static", "dynamic"}
@@ -160,7 +160,7 @@ def test_bench_against_running_backends_then_run_and_report(vlm_bench, wasm, emu
     run([vlm_bench, "bench", "--out", str(out), "--pool-dir", str(tmp_path / "pool"),
          "--log-dir", str(tmp_path / "logs"), "--peaks", "3", "--ramp-s", "0", "--hold-s", "2", "--decay-s", "0",
          "--sizes", "768", "--policies", "static", "--no-start-backends", "--encode-url", emu.encode,
-         "--pd-url", emu.pd, "--cooldown-s", "0", "--quiet"], timeout=120)
+         "--pd-url", emu.pd, "--cooldown-s", "0", "--seeds", "1", "--quiet"], timeout=120)
     results = json.loads((out / "results.json").read_text())
     assert results["backends"]["emulated"] is False and results["backends"]["pd_url"].endswith(str(emu.pd_port))
     served = [e for e in emu.requests() if e["role"] == "pd"]
