@@ -140,6 +140,10 @@ impl RequestFilter {
             return Verdict::Continue;
         }
         svc.add(Counter::Requests, 1);
+        if let Some(coding) = headers.content_encoding() {
+            // Refused (or, fail_open, forwarded as sent) before any buffering.
+            return self.fail(host, svc, FilterError::UnsupportedEncoding(coding));
+        }
         // A declared length over the limit is refused before Envoy buffers it.
         let declared = headers
             .get("content-length")
@@ -172,7 +176,18 @@ impl RequestFilter {
             self.request_id = Some(id);
         }
         self.state = State::Buffering;
+        if cfg.hold_headers && svc.may_hold_headers() {
+            // Held until the body is decided: upstream sees only the final
+            // request, never one the filter answers itself.
+            return Verdict::Pause;
+        }
         Verdict::Continue
+    }
+
+    /// Whether the request waits for its body (headers seen, body not yet
+    /// decided).
+    pub fn awaiting_body(&self) -> bool {
+        self.state == State::Buffering
     }
 
     pub fn on_request_body(
@@ -351,7 +366,9 @@ impl RequestFilter {
         svc.publish(&state, GaugeSet::ENCODE);
         if !status.is_some_and(|s| (200..300).contains(&s)) {
             let why = status.map_or_else(|| "call failed".to_string(), |s| format!("HTTP {s}"));
-            if attempt < self.shared.config.encode_retries {
+            // A 4xx is the request's fault and would fail again: only
+            // server errors, timeouts (504) and failed calls are retried.
+            if retriable(status) && attempt < self.shared.config.encode_retries {
                 log::debug!("vlm-budget: encode call failed ({why}); retrying");
                 svc.add(Counter::EncodeRetries, 1);
                 self.send(host, svc, &mut enc, index, attempt + 1);
@@ -468,6 +485,13 @@ impl RequestFilter {
         self.state = State::Replied;
         Verdict::Pause
     }
+}
+
+/// Whether a failed encode call is worth another attempt: a server error
+/// or a call that got no answer (reset, refused connection), as vLLM's
+/// disaggregation proxy retries.
+fn retriable(status: Option<u32>) -> bool {
+    status.is_none_or(|s| s >= 500)
 }
 
 fn record(svc: &dyn Services, o: &Outcome) {
@@ -746,6 +770,26 @@ mod tests {
     }
 
     #[test]
+    fn encoded_bodies_are_refused_at_the_headers() {
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", "\x1f\u{8b}");
+        h.req_headers.insert("content-encoding".into(), "gzip".into());
+        let mut f = filter(Config::default());
+        assert_eq!(f.on_request_headers(&mut h, &m, false), Verdict::Pause);
+        let (status, json) = h.reply.clone().expect("reply");
+        assert_eq!(status, 415);
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(v["error"]["code"], "unsupported_content_encoding");
+        assert_eq!(f.on_request_body(&mut h, &m, 2, true), Verdict::Continue);
+        // identity is no encoding.
+        let mut h = host("POST", "/v1/chat/completions", "");
+        h.req_headers.insert("content-encoding".into(), "identity".into());
+        let mut f = filter(Config::default());
+        f.on_request_headers(&mut h, &m, false);
+        assert!(h.reply.is_none() && f.state == State::Buffering);
+    }
+
+    #[test]
     fn oversized_body_is_refused_before_the_end() {
         let m = FakeMetrics::default();
         let mut h = host("POST", "/v1/chat/completions", "");
@@ -866,6 +910,21 @@ mod tests {
             ),
             (1, 1)
         );
+    }
+
+    #[test]
+    fn client_errors_are_not_retried() {
+        use crate::core::encode::EncodeFanout;
+        let (mut f, mut h, m, _) = start(
+            epd(EncodeFailure::Fallback, EncodeFanout::PerRequest),
+            TWO_IMAGES,
+            true,
+        );
+        assert_eq!(f.on_encode_response(&mut h, &m, 100, Some(400)), Verdict::Continue);
+        assert_eq!((h.calls.len(), h.resumed), (1, 1), "one call, then PD");
+        assert!(!m.counts.borrow().contains_key(Counter::EncodeRetries.name()));
+        assert!(retriable(None) && retriable(Some(503)) && retriable(Some(504)));
+        assert!(!retriable(Some(400)) && !retriable(Some(429)) && !retriable(Some(302)));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use super::metrics::{
     HostMetrics, COUNTER_POLLS, COUNTER_POLL_FAILURES, GAUGE_CLUSTER_FRESH, GAUGE_CLUSTER_RUNNING,
     GAUGE_CLUSTER_WAITING,
 };
-use super::{now_micros, shared};
+use super::{hold, now_micros, shared, warn_err};
 use crate::core::config::Config;
 use crate::core::prometheus::sum_of;
 use crate::core::traffic::{ClusterSignal, TrafficState};
@@ -26,6 +26,12 @@ pub struct Root {
     owner: u64,
     /// Token of the metrics poll in flight.
     poll: Option<u32>,
+    /// When the next metrics poll is due, µs.
+    next_poll_us: u64,
+    /// The metrics poll period (0: no poll).
+    poll_ms: u64,
+    /// The tick runs faster than the poll for the hold watchdog.
+    fast_tick: bool,
 }
 
 impl Root {
@@ -50,10 +56,18 @@ impl Root {
         }
         shared::init(shared::TRAFFIC_KEY, &TrafficState::initial().encode());
         let poll = match (&config.encode_cluster, config.metrics_poll_ms) {
-            (Some(_), ms) if ms > 0 => Duration::from_millis(ms),
-            _ => Duration::ZERO,
+            (Some(_), ms) if ms > 0 => ms,
+            _ => 0,
         };
-        if let Err(e) = hostcalls::set_tick_period(poll) {
+        // The hold watchdog ticks faster until it has decided.
+        let tick = match (config.hold_headers && hold::undecided(), poll) {
+            (true, 0) => hold::TICK_MS,
+            (true, ms) => ms.min(hold::TICK_MS),
+            (false, ms) => ms,
+        };
+        self.poll_ms = poll;
+        self.fast_tick = tick != poll;
+        if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(tick)) {
             log::warn!("vlm-budget: cannot set the poll period: {e:?}");
         }
         self.services = Some(Rc::new(VmServices {
@@ -67,10 +81,14 @@ impl Root {
         let Some(cluster) = cfg.encode_cluster.as_deref() else {
             return;
         };
+        if cfg.metrics_poll_ms == 0 || now < self.next_poll_us {
+            return;
+        }
         let lease_until = now + 3 * cfg.metrics_poll_ms * 1000;
         if self.poll.is_some() || !shared::acquire_lease(self.owner, now, lease_until) {
             return;
         }
+        self.next_poll_us = now + cfg.metrics_poll_ms * 1000;
         let headers = vec![
             (":method", "GET"),
             (":path", cfg.metrics_path.as_str()),
@@ -173,6 +191,18 @@ impl RootContext for Root {
             m.publish(&shared::traffic(), GaugeSet::ALL, now, cfg.rate_window_s);
         }
         self.poll_metrics(cfg, now);
+        let resume = hold::expired(now);
+        if self.fast_tick && !hold::undecided() {
+            self.fast_tick = false;
+            warn_err("tick period", hostcalls::set_tick_period(Duration::from_millis(self.poll_ms)));
+        }
+        // Last: each resume makes that request the effective context.
+        for context in resume {
+            // The stream is alive: its entry is removed in on_done / on_log.
+            if warn_err("held request", hostcalls::set_effective_context(context)).is_some() {
+                warn_err("resume held request", hostcalls::resume_http_request());
+            }
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
