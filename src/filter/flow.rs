@@ -113,6 +113,8 @@ pub struct RequestFilter {
     request_id: Option<String>,
     slo_ms: Option<f64>,
     held: Held,
+    /// Bytes of body buffered so far.
+    buffered: usize,
 }
 
 impl RequestFilter {
@@ -123,6 +125,7 @@ impl RequestFilter {
             request_id: None,
             slo_ms: None,
             held: Held::default(),
+            buffered: 0,
         }
     }
 
@@ -200,6 +203,7 @@ impl RequestFilter {
         if self.state != State::Buffering {
             return Verdict::Continue;
         }
+        self.buffered = body_size;
         let shared = Rc::clone(&self.shared);
         let cfg = &shared.config;
         if body_size as u64 > cfg.max_body_bytes {
@@ -255,6 +259,13 @@ impl RequestFilter {
         }
         let traffic = seen.get().unwrap_or_else(|| shared.snapshot(svc, now));
         self.start_encoding(host, svc, &final_body, report, tokens, &traffic)
+    }
+
+    /// Request trailers end the body (Envoy's decompressor adds some): the
+    /// buffered body is decided now.
+    pub fn on_request_trailers(&mut self, host: &mut dyn HttpHost, svc: &dyn Services) -> Verdict {
+        let size = self.buffered;
+        self.on_request_body(host, svc, size, true)
     }
 
     /// The request continues to prefill/decode; a request with images
@@ -787,6 +798,24 @@ mod tests {
         let mut f = filter(Config::default());
         f.on_request_headers(&mut h, &m, false);
         assert!(h.reply.is_none() && f.state == State::Buffering);
+    }
+
+    #[test]
+    fn trailers_end_the_body() {
+        let body = r#"{"messages":[{"content":[{"type":"image_url"#;
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", body);
+        let mut f = filter(Config::default());
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.on_request_body(&mut h, &m, body.len(), false), Verdict::Pause);
+        assert_eq!(f.on_request_trailers(&mut h, &m), Verdict::Pause);
+        assert_eq!(h.reply.as_ref().map(|r| r.0), Some(400));
+        // Without a body, or once decided, trailers change nothing.
+        assert_eq!(f.on_request_trailers(&mut h, &m), Verdict::Continue);
+        let mut f = filter(Config::default());
+        let mut h = host("GET", "/v1/chat/completions", "");
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.on_request_trailers(&mut h, &m), Verdict::Continue);
     }
 
     #[test]

@@ -125,6 +125,13 @@ impl HttpContext for Http {
         action(verdict)
     }
 
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        action(
+            self.filter
+                .on_request_trailers(&mut self.host, self.services.as_ref()),
+        )
+    }
+
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
         action(self.filter.on_response_headers(&mut self.host))
     }

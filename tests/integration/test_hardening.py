@@ -658,7 +658,7 @@ def test_bad_configuration_field_types_refuse_to_load(wasm, tmp_path, bad, field
     cfg = harness.render_config({}, harness.free_port(), harness.free_port(), harness.free_port(), wasm)
     hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     value = bad if isinstance(bad, str) else json.dumps(bad)
-    hcm["http_filters"][0]["typed_config"]["config"]["configuration"]["value"] = value
+    harness.wasm_filter(hcm)["typed_config"]["config"]["configuration"]["value"] = value
     path = tmp_path / "envoy.json"
     path.write_text(json.dumps(cfg))
     run = subprocess.run([harness.envoy_binary(), "--mode", "validate", "-c", str(path), "--concurrency", "1"],
