@@ -606,7 +606,8 @@ mod tests {
             let bytes = encode_with(&gradient(400, 300, layout), format, 90, &meta).expect("encode");
             let header = probe(bytes.as_slice()).expect("probe");
             let out = transcode(&bytes, &header, Dims::new(112, 84), &opts()).expect("transcode");
-            let back = decode_scaled(&out, &probe(out.as_slice()).expect("probe"), None, 1 << 30).expect("decode");
+            let back =
+                decode_scaled(&out, &probe(out.as_slice()).expect("probe"), None, 1 << 30).expect("decode");
             // Stored as before (landscape), to be shown turned, as the original.
             assert_eq!((back.pixels.width, back.pixels.height), (112, 84));
             assert_eq!(back.meta, meta, "{format:?} {layout:?}");
@@ -616,7 +617,8 @@ mod tests {
         let plain = encode(&gradient(400, 300, Layout::Rgb8), ImageFormat::Jpeg, 90).expect("encode");
         let h = probe(plain.as_slice()).expect("probe");
         let out = transcode(&plain, &h, Dims::new(112, 84), &opts()).expect("transcode");
-        let back = decode_scaled(&out, &probe(out.as_slice()).expect("probe"), None, 1 << 30).expect("decode");
+        let back =
+            decode_scaled(&out, &probe(out.as_slice()).expect("probe"), None, 1 << 30).expect("decode");
         assert_eq!(back.meta, Metadata::default());
         let m = Metadata::new(Some(1), Some(icc(b"CMYK", 200)), Layout::Rgb8);
         assert_eq!(m, Metadata::default());

@@ -949,7 +949,10 @@ mod tests {
             TWO_IMAGES,
             true,
         );
-        assert_eq!(f.on_encode_response(&mut h, &m, 100, Some(400)), Verdict::Continue);
+        assert_eq!(
+            f.on_encode_response(&mut h, &m, 100, Some(400)),
+            Verdict::Continue
+        );
         assert_eq!((h.calls.len(), h.resumed), (1, 1), "one call, then PD");
         assert!(!m.counts.borrow().contains_key(Counter::EncodeRetries.name()));
         assert!(retriable(None) && retriable(Some(503)) && retriable(Some(504)));

@@ -227,7 +227,10 @@ mod tests {
             assert_eq!(h(plain).content_encoding(), None, "{plain:?}");
         }
         assert_eq!(h(b"gzip").content_encoding().as_deref(), Some("gzip"));
-        assert_eq!(h(b"identity, br").content_encoding().as_deref(), Some("identity, br"));
+        assert_eq!(
+            h(b"identity, br").content_encoding().as_deref(),
+            Some("identity, br")
+        );
         assert!(h(b"\xff").content_encoding().is_some());
         assert_eq!(RequestHeaders::default().content_encoding(), None);
     }

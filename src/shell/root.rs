@@ -194,7 +194,10 @@ impl RootContext for Root {
         let resume = hold::expired(now);
         if self.fast_tick && !hold::undecided() {
             self.fast_tick = false;
-            warn_err("tick period", hostcalls::set_tick_period(Duration::from_millis(self.poll_ms)));
+            warn_err(
+                "tick period",
+                hostcalls::set_tick_period(Duration::from_millis(self.poll_ms)),
+            );
         }
         // Last: each resume makes that request the effective context.
         for context in resume {
