@@ -66,6 +66,9 @@ impl Root {
             (false, ms) => ms,
         };
         self.poll_ms = poll;
+        // The first poll one period after configuration, as with a tick of
+        // the poll's period.
+        self.next_poll_us = now_micros() + poll * 1000;
         self.fast_tick = tick != poll;
         if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(tick)) {
             log::warn!("vlm-budget: cannot set the poll period: {e:?}");
