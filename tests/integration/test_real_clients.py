@@ -5,6 +5,7 @@ requests the filter is still working on or answers itself."""
 import gzip
 import io
 import json
+import urllib.error
 
 import pytest
 from PIL import Image, ImageCms, ImageOps
@@ -187,8 +188,14 @@ def test_pd_sees_no_request_the_filter_answers(start_envoy, emulator):
         chat_body([data_url(image_bytes(64, 64, "PNG"), "image/png")] * 70),  # too_many_images
         chat_body([data_url(image_bytes(1200, 1200, "PNG", noise=True), "image/png")]),  # body_too_large
     ]
-    for body in bad:
-        status, _, reply = post(env.url, body)
+    for i, body in enumerate(bad):
+        try:
+            status, _, reply = post(env.url, body)
+        except (urllib.error.URLError, ConnectionError):
+            # Refused at the headers (declared length) while the client still
+            # sends: Envoy answers and closes, the client may see a reset.
+            assert i == len(bad) - 1
+            continue
         assert status in (400, 413), reply
     assert emu.requests() == [], "PD (and the encoder) saw none of them"
     status, _, _ = post(env.url, chat_body([good]), headers={"x-request-id": "ok"})
