@@ -801,6 +801,31 @@ mod tests {
     }
 
     #[test]
+    fn hold_headers_pauses_only_requests_the_filter_acts_on() {
+        let m = FakeMetrics::default();
+        let cfg = Config {
+            hold_headers: true,
+            ..Config::default()
+        };
+        let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        let mut h = host("POST", "/v1/chat/completions", body);
+        let mut f = filter(cfg.clone());
+        assert_eq!(f.on_request_headers(&mut h, &m, false), Verdict::Pause);
+        assert!(f.awaiting_body());
+        assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Continue);
+        assert!(!f.awaiting_body());
+        for (method, path, eos) in [
+            ("GET", "/v1/chat/completions", false),
+            ("POST", "/v1/chat/completions", true),
+        ] {
+            let mut h = host(method, path, "");
+            let mut f = filter(cfg.clone());
+            assert_eq!(f.on_request_headers(&mut h, &m, eos), Verdict::Continue);
+            assert!(!f.awaiting_body());
+        }
+    }
+
+    #[test]
     fn trailers_end_the_body() {
         let body = r#"{"messages":[{"content":[{"type":"image_url"#;
         let m = FakeMetrics::default();
