@@ -792,6 +792,19 @@ mod tests {
         let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
         assert_eq!(v["error"]["code"], "unsupported_content_encoding");
         assert_eq!(f.on_request_body(&mut h, &m, 2, true), Verdict::Continue);
+        // fail_open: forwarded as sent (length and all) and reported.
+        let mut h = host("POST", "/v1/chat/completions", "\x1f\u{8b}");
+        h.req_headers.insert("content-encoding".into(), "br".into());
+        let mut f = filter(Config {
+            fail_open: true,
+            ..Config::default()
+        });
+        assert_eq!(f.on_request_headers(&mut h, &m, false), Verdict::Continue);
+        assert!(h.reply.is_none() && h.req_headers.contains_key("content-length"));
+        f.on_response_headers(&mut h);
+        assert!(h
+            .resp_headers
+            .contains(&(HEADER_FAIL_OPEN.into(), "unsupported_content_encoding".into())));
         // identity is no encoding.
         let mut h = host("POST", "/v1/chat/completions", "");
         h.req_headers.insert("content-encoding".into(), "identity".into());
