@@ -65,7 +65,7 @@ demo: wasm emulator venv testdata
 	$(PY) tools/demo.py
 
 # The same stack, left running for other clients until Ctrl-C.
-stack: wasm emulator venv
+stack: wasm emulator venv testdata
 	$(PY) tools/stack.py
 
 clean:

@@ -185,7 +185,7 @@ def envoy_config(wasm: Path, plugin: dict, upstream_port: int, fast_port: int, f
         strict["address"]["socket_address"]["port_value"] = strict_port
         strict_hcm = strict["filter_chains"][0]["filters"][0]["typed_config"]
         strict_hcm["stat_prefix"] = "strict_ingress"
-        strict_cfg = strict_hcm["http_filters"][0]["typed_config"]["config"]
+        strict_cfg = harness.wasm_filter(strict_hcm)["typed_config"]["config"]
         strict_cfg["configuration"]["value"] = json.dumps({**plugin, "validate_text_only": True})
         cfg["static_resources"]["listeners"].append(strict)
     if null_wasm is not None:
@@ -194,7 +194,7 @@ def envoy_config(wasm: Path, plugin: dict, upstream_port: int, fast_port: int, f
         null["address"]["socket_address"]["port_value"] = null_port
         null_hcm = null["filter_chains"][0]["filters"][0]["typed_config"]
         null_hcm["stat_prefix"] = "null_ingress"
-        wasm_cfg = null_hcm["http_filters"][0]["typed_config"]["config"]
+        wasm_cfg = harness.wasm_filter(null_hcm)["typed_config"]["config"]
         wasm_cfg["name"] = wasm_cfg["root_id"] = wasm_cfg["vm_config"]["vm_id"] = "null_filter"
         wasm_cfg["vm_config"]["code"]["local"]["filename"] = str(null_wasm)
         cfg["static_resources"]["listeners"].append(null)

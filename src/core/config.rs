@@ -114,6 +114,12 @@ pub struct Config {
     /// of the backend's. Off: they are forwarded untouched after one byte
     /// search, which keeps the filter's cost on text traffic low.
     pub validate_text_only: bool,
+    /// Hold the request headers back from the upstream until the body is
+    /// decided (header callback answers Pause). Needs Envoy's
+    /// `allow_on_headers_stop_iteration: true` in the same plugin config:
+    /// without it a header Pause also stops the body, and the filter, seeing
+    /// no body, stops holding (see `shell::hold`).
+    pub hold_headers: bool,
     /// Request paths (exact, query string ignored) the filter acts on.
     pub paths: Vec<String>,
     /// The backend's image sizing rule.
@@ -184,6 +190,7 @@ impl Default for Config {
             resize_filter: ResizeFilter::CatmullRom,
             fail_open: false,
             validate_text_only: false,
+            hold_headers: false,
             paths: vec!["/v1/chat/completions".into()],
             sizing: SizingConfig::default(),
             encode_cluster: None,

@@ -10,6 +10,9 @@ pub enum FilterError {
     },
     InvalidJson(String),
     InvalidRequest(String),
+    /// The body is compressed (`content-encoding` other than `identity`):
+    /// the filter cannot read it. The value is the header's.
+    UnsupportedEncoding(String),
     TooManyImages {
         count: usize,
         limit: u64,
@@ -55,6 +58,7 @@ impl FilterError {
             Self::BodyTooLarge { .. } => "body_too_large",
             Self::InvalidJson(_) => "invalid_json",
             Self::InvalidRequest(_) => "invalid_request",
+            Self::UnsupportedEncoding(_) => "unsupported_content_encoding",
             Self::TooManyImages { .. } => "too_many_images",
             Self::EncoderUnavailable(_) => "encoder_unavailable",
             Self::Image { kind, .. } => kind.code(),
@@ -62,11 +66,12 @@ impl FilterError {
     }
 
     /// Every code, for defining metrics up front.
-    pub const CODES: [&'static str; 11] = [
+    pub const CODES: [&'static str; 12] = [
         "encoder_unavailable",
         "body_too_large",
         "invalid_json",
         "invalid_request",
+        "unsupported_content_encoding",
         "too_many_images",
         "invalid_image_url",
         "invalid_base64",
@@ -84,6 +89,7 @@ impl FilterError {
                 ..
             } => 500,
             Self::EncoderUnavailable(_) => 502,
+            Self::UnsupportedEncoding(_) => 415,
             _ => 400,
         }
     }
@@ -112,6 +118,11 @@ impl fmt::Display for FilterError {
             Self::BodyTooLarge { limit } => write!(f, "request body is larger than the {limit}-byte limit"),
             Self::InvalidJson(e) => write!(f, "request body is not valid JSON: {e}"),
             Self::InvalidRequest(e) => write!(f, "invalid chat request: {e}"),
+            Self::UnsupportedEncoding(e) => write!(
+                f,
+                "request body has content-encoding `{e}`, which this proxy cannot read: send it \
+                 uncompressed (or decompress it in front of the filter)"
+            ),
             Self::TooManyImages { count, limit } => {
                 write!(f, "request has {count} images; at most {limit} are accepted")
             }
@@ -138,6 +149,11 @@ mod tests {
         assert_eq!(v["error"]["message"], "image 3: bad byte");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert_eq!(v["error"]["code"], "invalid_base64");
+        assert!(FilterError::CODES.contains(&e.code()));
+        let e = FilterError::UnsupportedEncoding("gzip".into());
+        assert_eq!((e.status(), e.code()), (415, "unsupported_content_encoding"));
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).expect("json");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(FilterError::CODES.contains(&e.code()));
     }
 }

@@ -6,6 +6,7 @@ pub mod datauri;
 pub mod dynamic;
 pub mod encode;
 pub mod error;
+pub mod exif;
 pub mod json;
 pub mod latency;
 pub mod pipeline;

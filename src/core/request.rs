@@ -92,8 +92,27 @@ fn string<'a>(
     doc.string(v).map_err(json)
 }
 
-/// Parses a chat-completions body and locates its image URLs.
+/// The UTF-8 byte-order mark. Python servers (vLLM's included) read a body
+/// that starts with one as JSON, so it is accepted, and kept.
+pub const BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// Parses a chat-completions body and locates its image URLs. A leading
+/// UTF-8 byte-order mark is skipped; spans are into `body`, mark included.
 pub fn scan(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> {
+    let skip = if body.starts_with(BOM) { BOM.len() } else { 0 };
+    let mut req = scan_json(&body[skip..])?;
+    if skip > 0 {
+        for site in &mut req.images {
+            site.span = site.span.start + skip..site.span.end + skip;
+        }
+        for (_, range) in &mut req.members {
+            *range = range.start + skip..range.end + skip;
+        }
+    }
+    Ok(req)
+}
+
+fn scan_json(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> {
     let text = std::str::from_utf8(body).map_err(|e| RequestError::Json(format!("invalid UTF-8: {e}")))?;
     let (doc, top) = Doc::parse(text).map_err(json)?;
     expect_kind(&doc, &top, Kind::Object, &|| "the request body".into())?;
@@ -217,6 +236,28 @@ mod tests {
         {"type":"image_url","image_url":{"detail":"high","url":"data:image/png;base64,AAAA","x":1e400}},
         {"type":"image_url","image_url":"https:\/\/example.com\/a.jpg"}]}],
       "temperature":0.70,"max_tokens":10,"zzz_unknown":{"a":[1,2,3]},"seed":12345678901234567890}"#;
+
+    #[test]
+    fn a_byte_order_mark_is_skipped_and_spans_count_it() {
+        let mut body = BOM.to_vec();
+        body.extend_from_slice(BODY.as_bytes());
+        let req = scan(&body).expect("scan");
+        let plain = scan(BODY.as_bytes()).expect("scan");
+        assert_eq!(req.images.len(), 2);
+        for (a, b) in req.images.iter().zip(&plain.images) {
+            assert_eq!(a.span, b.span.start + 3..b.span.end + 3);
+            assert_eq!(&body[a.span.clone()], &BODY.as_bytes()[b.span.clone()]);
+        }
+        assert_eq!(req.members.len(), plain.members.len());
+        // Only one mark, and only in front.
+        let mut twice = BOM.to_vec();
+        twice.extend_from_slice(&body);
+        assert!(matches!(scan(&twice), Err(RequestError::Json(_))));
+        let mut inside = b"{".to_vec();
+        inside.extend_from_slice(BOM);
+        inside.extend_from_slice(b"\"messages\":[]}");
+        assert!(matches!(scan(&inside), Err(RequestError::Json(_))));
+    }
 
     #[test]
     fn finds_both_forms_in_order() {

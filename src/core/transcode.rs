@@ -14,6 +14,7 @@
 //! place before resizing and divided out of the small result, and colour
 //! conversions that shrink a buffer (CMYK, 16-bit grey) run in place.
 
+use super::exif;
 use super::probe::{ImageFormat, ImageHeader};
 use super::sizing::Dims;
 use fast_image_resize as fir;
@@ -100,10 +101,37 @@ pub struct Pixels {
     pub data: Vec<u8>,
 }
 
+/// What a resized image keeps of the original's metadata (see
+/// [`super::exif`]): the EXIF orientation, and an ICC profile of the
+/// output's colour space.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Metadata {
+    /// EXIF orientation 2..=8 (1, the default, is not carried).
+    pub orientation: Option<u16>,
+    /// The ICC profile, when it describes the decoded pixels (not, e.g.,
+    /// a CMYK profile once CMYK was converted to RGB).
+    pub icc: Option<Vec<u8>>,
+}
+
+impl Metadata {
+    fn new(orientation: Option<u16>, icc: Option<Vec<u8>>, layout: Layout) -> Self {
+        let space: &[u8] = match layout {
+            Layout::L8 | Layout::La8 => b"GRAY",
+            Layout::Rgb8 | Layout::Rgba8 => b"RGB ",
+        };
+        Self {
+            orientation: orientation.filter(|&o| o != 1),
+            icc: icc.filter(|p| exif::icc_colour_space(p) == Some(space)),
+        }
+    }
+}
+
 /// A decoded image and the part of its buffer the picture covers.
 #[derive(Debug, Clone)]
 pub struct Decoded {
     pub pixels: Pixels,
+    /// Metadata to carry to the re-encoded image.
+    pub meta: Metadata,
     /// Width and height, in buffer pixels, of the picture. The buffer's own
     /// size, except after DCT scaling of a JPEG whose sides are not multiples
     /// of the scaled block: its last column or row then covers the picture
@@ -114,7 +142,11 @@ pub struct Decoded {
 impl From<Pixels> for Decoded {
     fn from(pixels: Pixels) -> Self {
         let extent = (f64::from(pixels.width), f64::from(pixels.height));
-        Self { pixels, extent }
+        Self {
+            pixels,
+            extent,
+            meta: Metadata::default(),
+        }
     }
 }
 
@@ -151,23 +183,25 @@ pub fn decode_scaled(
     max_pixels: u64,
 ) -> Result<Decoded, TranscodeError> {
     match header.format {
-        ImageFormat::Png => decode_png(bytes, max_pixels).map(Decoded::from),
+        ImageFormat::Png => decode_png(bytes, max_pixels),
         ImageFormat::Jpeg => decode_jpeg(bytes, target, max_pixels),
     }
 }
 
-fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<Pixels, TranscodeError> {
+fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<Decoded, TranscodeError> {
     let err = |e: png::DecodingError| TranscodeError::Decode(format!("png: {e}"));
     let limits = png::Limits {
         bytes: decoded_bytes_limit(max_pixels).saturating_mul(2),
     };
     let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), limits);
     decoder.set_transformations(png::Transformations::normalize_to_color8());
-    // The output carries no text or ICC metadata: skip parsing it. Chunk
-    // CRCs are still checked, so a damaged file is refused, not resized.
+    // The output carries no text metadata: skip parsing it. Chunk CRCs
+    // are still checked, so a damaged file is refused, not resized. The
+    // ICC profile and the EXIF orientation are kept.
     decoder.set_ignore_text_chunk(true);
-    decoder.set_ignore_iccp_chunk(true);
     let mut reader = decoder.read_info().map_err(err)?;
+    let icc = reader.info().icc_profile.as_deref().map(<[u8]>::to_vec);
+    let orientation = reader.info().exif_metadata.as_deref().and_then(exif::orientation);
     // `Limits` bounds the decoder's own buffers, not the output: hold the
     // pixel limit here, before the output buffer is allocated.
     let (w, h) = reader.info().size();
@@ -191,12 +225,14 @@ fn decode_png(bytes: &[u8], max_pixels: u64) -> Result<Pixels, TranscodeError> {
             return Err(TranscodeError::Decode("png: palette was not expanded".into()))
         }
     };
-    Ok(Pixels {
+    let mut decoded = Decoded::from(Pixels {
         width: frame.width,
         height: frame.height,
         layout,
         data,
-    })
+    });
+    decoded.meta = Metadata::new(orientation, icc, layout);
+    Ok(decoded)
 }
 
 /// Side of a JPEG decoded at `eighths`/8 scale, as jpeg-decoder rounds it.
@@ -265,7 +301,10 @@ fn decode_jpeg(bytes: &[u8], target: Option<Dims>, max_pixels: u64) -> Result<De
         return Err(TranscodeError::Decode("jpeg: short pixel data".into()));
     }
     let scale = f64::from(eighths) / 8.0;
+    let orientation = decoder.exif_data().and_then(exif::orientation);
+    let meta = Metadata::new(orientation, decoder.icc_profile(), layout);
     Ok(Decoded {
+        meta,
         pixels: Pixels {
             width,
             height,
@@ -307,7 +346,9 @@ fn cmyk_to_rgb_in_place(data: &mut Vec<u8>) {
 /// Resizes the picture to exactly `to`. Images with alpha are resized
 /// premultiplied (no dark fringes), the premultiplication done in place.
 pub fn resize(src: impl Into<Decoded>, to: Dims, filter: ResizeFilter) -> Result<Pixels, TranscodeError> {
-    let Decoded { pixels: src, extent } = src.into();
+    let Decoded {
+        pixels: src, extent, ..
+    } = src.into();
     let whole = extent == (f64::from(src.width), f64::from(src.height));
     if whole && src.width == to.width && src.height == to.height {
         return Ok(src);
@@ -350,6 +391,17 @@ pub fn resize(src: impl Into<Decoded>, to: Dims, filter: ResizeFilter) -> Result
 
 /// Encodes in `format`. JPEG drops alpha (never present for JPEG input).
 pub fn encode(px: &Pixels, format: ImageFormat, jpeg_quality: u8) -> Result<Vec<u8>, TranscodeError> {
+    encode_with(px, format, jpeg_quality, &Metadata::default())
+}
+
+/// [`encode`], writing `meta`: for JPEG an APP1 `Exif` segment with the
+/// orientation and APP2 `ICC_PROFILE` segments, for PNG `eXIf` and `iCCP`.
+pub fn encode_with(
+    px: &Pixels,
+    format: ImageFormat,
+    jpeg_quality: u8,
+    meta: &Metadata,
+) -> Result<Vec<u8>, TranscodeError> {
     let mut out = Vec::new();
     match format {
         ImageFormat::Jpeg => {
@@ -371,18 +423,29 @@ pub fn encode(px: &Pixels, format: ImageFormat, jpeg_quality: u8) -> Result<Vec<
             // quality 90 up, for about 1.5x the bytes).
             enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
             enc.set_chroma_subsampling_method(jpeg_encoder::ChromaSubsamplingMethod::Average);
+            if let Some(o) = meta.orientation {
+                let mut app1 = exif::EXIF_ID.to_vec();
+                app1.extend_from_slice(&exif::orientation_tiff(o));
+                enc.add_app_segment(1, app1).map_err(err)?;
+            }
+            if let Some(icc) = &meta.icc {
+                enc.add_icc_profile(icc).map_err(err)?;
+            }
             enc.encode(&px.data, w, h, color).map_err(err)?;
         }
         ImageFormat::Png => {
             let err = |e: png::EncodingError| TranscodeError::Encode(format!("png: {e}"));
-            let mut enc = png::Encoder::new(&mut out, px.width, px.height);
-            enc.set_color(match px.layout {
+            let mut info = png::Info::with_size(px.width, px.height);
+            info.color_type = match px.layout {
                 Layout::L8 => png::ColorType::Grayscale,
                 Layout::La8 => png::ColorType::GrayscaleAlpha,
                 Layout::Rgb8 => png::ColorType::Rgb,
                 Layout::Rgba8 => png::ColorType::Rgba,
-            });
-            enc.set_depth(png::BitDepth::Eight);
+            };
+            info.bit_depth = png::BitDepth::Eight;
+            info.icc_profile = meta.icc.as_deref().map(std::borrow::Cow::Borrowed);
+            info.exif_metadata = meta.orientation.map(|o| exif::orientation_tiff(o).into());
+            let mut enc = png::Encoder::with_info(&mut out, info).map_err(err)?;
             // fdeflate with adaptive row filters: a few ms for a 1-Mpixel
             // image. zlib-class levels shrink photos by up to a third more
             // but cost 4-20x the time, on the proxy's worker thread.
@@ -402,9 +465,10 @@ pub fn transcode(
     to: Dims,
     opts: &TranscodeOptions,
 ) -> Result<Vec<u8>, TranscodeError> {
-    let px = decode_scaled(bytes, header, Some(to), opts.max_pixels)?;
+    let mut px = decode_scaled(bytes, header, Some(to), opts.max_pixels)?;
+    let meta = std::mem::take(&mut px.meta);
     let px = resize(px, to, opts.filter)?;
-    encode(&px, header.format, opts.jpeg_quality)
+    encode_with(&px, header.format, opts.jpeg_quality, &meta)
 }
 
 #[cfg(test)]
@@ -517,6 +581,47 @@ mod tests {
             let back = decode(&out, &probe(out.as_slice()).expect("probe"), None, 1 << 30).expect("decode");
             assert_eq!((back.width, back.height, back.layout), (112, 84, layout));
         }
+    }
+
+    fn icc(space: &[u8; 4], len: usize) -> Vec<u8> {
+        let mut p: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+        p[16..20].copy_from_slice(space);
+        p
+    }
+
+    #[test]
+    fn orientation_and_colour_profile_are_carried() {
+        let cases = [
+            (ImageFormat::Jpeg, Layout::Rgb8, b"RGB "),
+            (ImageFormat::Jpeg, Layout::L8, b"GRAY"),
+            (ImageFormat::Png, Layout::Rgba8, b"RGB "),
+            (ImageFormat::Png, Layout::La8, b"GRAY"),
+        ];
+        for (format, layout, space) in cases {
+            // A profile over one APP2 segment's worth, in two segments.
+            let meta = Metadata {
+                orientation: Some(6),
+                icc: Some(icc(space, 70_000)),
+            };
+            let bytes = encode_with(&gradient(400, 300, layout), format, 90, &meta).expect("encode");
+            let header = probe(bytes.as_slice()).expect("probe");
+            let out = transcode(&bytes, &header, Dims::new(112, 84), &opts()).expect("transcode");
+            let back =
+                decode_scaled(&out, &probe(out.as_slice()).expect("probe"), None, 1 << 30).expect("decode");
+            // Stored as before (landscape), to be shown turned, as the original.
+            assert_eq!((back.pixels.width, back.pixels.height), (112, 84));
+            assert_eq!(back.meta, meta, "{format:?} {layout:?}");
+        }
+        // Without metadata, none is invented; orientation 1 is not written;
+        // a profile of another colour space (CMYK converted to RGB) is dropped.
+        let plain = encode(&gradient(400, 300, Layout::Rgb8), ImageFormat::Jpeg, 90).expect("encode");
+        let h = probe(plain.as_slice()).expect("probe");
+        let out = transcode(&plain, &h, Dims::new(112, 84), &opts()).expect("transcode");
+        let back =
+            decode_scaled(&out, &probe(out.as_slice()).expect("probe"), None, 1 << 30).expect("decode");
+        assert_eq!(back.meta, Metadata::default());
+        let m = Metadata::new(Some(1), Some(icc(b"CMYK", 200)), Layout::Rgb8);
+        assert_eq!(m, Metadata::default());
     }
 
     #[test]

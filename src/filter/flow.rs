@@ -175,6 +175,8 @@ pub struct RequestFilter {
     arrived_us: u64,
     held: Held,
     watch: Option<Watch>,
+    /// Bytes of body buffered so far.
+    buffered: usize,
 }
 
 impl RequestFilter {
@@ -187,6 +189,7 @@ impl RequestFilter {
             arrived_us: 0,
             held: Held::default(),
             watch: None,
+            buffered: 0,
         }
     }
 
@@ -205,6 +208,10 @@ impl RequestFilter {
         }
         svc.add(Counter::Requests, 1);
         self.arrived_us = host.now_micros();
+        if let Some(coding) = headers.content_encoding() {
+            // Refused (or, fail_open, forwarded as sent) before any buffering.
+            return self.fail(host, svc, FilterError::UnsupportedEncoding(coding));
+        }
         // A declared length over the limit is refused before Envoy buffers it.
         let declared = headers
             .get("content-length")
@@ -237,7 +244,18 @@ impl RequestFilter {
             self.request_id = Some(id);
         }
         self.state = State::Buffering;
+        if cfg.hold_headers && svc.may_hold_headers() {
+            // Held until the body is decided: upstream sees only the final
+            // request, never one the filter answers itself.
+            return Verdict::Pause;
+        }
         Verdict::Continue
+    }
+
+    /// Whether the request waits for its body (headers seen, body not yet
+    /// decided).
+    pub fn awaiting_body(&self) -> bool {
+        self.state == State::Buffering
     }
 
     pub fn on_request_body(
@@ -250,6 +268,7 @@ impl RequestFilter {
         if self.state != State::Buffering {
             return Verdict::Continue;
         }
+        self.buffered = body_size;
         let shared = Rc::clone(&self.shared);
         let cfg = &shared.config;
         if body_size as u64 > cfg.max_body_bytes {
@@ -329,6 +348,13 @@ impl RequestFilter {
         }
         let traffic = seen.get().unwrap_or_else(|| shared.snapshot(svc, decided_us));
         self.start_encoding(host, svc, &final_body, report, &traffic, timed)
+    }
+
+    /// Request trailers end the body (Envoy's decompressor adds some): the
+    /// buffered body is decided now.
+    pub fn on_request_trailers(&mut self, host: &mut dyn HttpHost, svc: &dyn Services) -> Verdict {
+        let size = self.buffered;
+        self.on_request_body(host, svc, size, true)
     }
 
     /// The request continues to prefill/decode. A request with images
@@ -466,7 +492,9 @@ impl RequestFilter {
         svc.publish(&state, GaugeSet::ENCODE);
         if !status.is_some_and(|s| (200..300).contains(&s)) {
             let why = status.map_or_else(|| "call failed".to_string(), |s| format!("HTTP {s}"));
-            if attempt < self.shared.config.encode_retries {
+            // A 4xx is the request's fault and would fail again: only
+            // server errors, timeouts (504) and failed calls are retried.
+            if retriable(status) && attempt < self.shared.config.encode_retries {
                 log::debug!("vlm-budget: encode call failed ({why}); retrying");
                 svc.add(Counter::EncodeRetries, 1);
                 self.send(host, svc, &mut enc, index, attempt + 1);
@@ -698,6 +726,13 @@ impl RequestFilter {
         self.state = State::Replied;
         Verdict::Pause
     }
+}
+
+/// Whether a failed encode call is worth another attempt: a server error
+/// or a call that got no answer (reset, refused connection), as vLLM's
+/// disaggregation proxy retries.
+fn retriable(status: Option<u32>) -> bool {
+    status.is_none_or(|s| s >= 500)
 }
 
 fn record(svc: &dyn Services, o: &Outcome) {
@@ -1015,6 +1050,82 @@ mod tests {
     }
 
     #[test]
+    fn encoded_bodies_are_refused_at_the_headers() {
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", "\x1f\u{8b}");
+        h.req_headers.insert("content-encoding".into(), "gzip".into());
+        let mut f = filter(Config::default());
+        assert_eq!(f.on_request_headers(&mut h, &m, false), Verdict::Pause);
+        let (status, json) = h.reply.clone().expect("reply");
+        assert_eq!(status, 415);
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        assert_eq!(v["error"]["code"], "unsupported_content_encoding");
+        assert_eq!(f.on_request_body(&mut h, &m, 2, true), Verdict::Continue);
+        // fail_open: forwarded as sent (length and all) and reported.
+        let mut h = host("POST", "/v1/chat/completions", "\x1f\u{8b}");
+        h.req_headers.insert("content-encoding".into(), "br".into());
+        let mut f = filter(Config {
+            fail_open: true,
+            ..Config::default()
+        });
+        assert_eq!(f.on_request_headers(&mut h, &m, false), Verdict::Continue);
+        assert!(h.reply.is_none() && h.req_headers.contains_key("content-length"));
+        f.on_response_headers(&mut h, &m);
+        assert!(h
+            .resp_headers
+            .contains(&(HEADER_FAIL_OPEN.into(), "unsupported_content_encoding".into())));
+        // identity is no encoding.
+        let mut h = host("POST", "/v1/chat/completions", "");
+        h.req_headers.insert("content-encoding".into(), "identity".into());
+        let mut f = filter(Config::default());
+        f.on_request_headers(&mut h, &m, false);
+        assert!(h.reply.is_none() && f.state == State::Buffering);
+    }
+
+    #[test]
+    fn hold_headers_pauses_only_requests_the_filter_acts_on() {
+        let m = FakeMetrics::default();
+        let cfg = Config {
+            hold_headers: true,
+            ..Config::default()
+        };
+        let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        let mut h = host("POST", "/v1/chat/completions", body);
+        let mut f = filter(cfg.clone());
+        assert_eq!(f.on_request_headers(&mut h, &m, false), Verdict::Pause);
+        assert!(f.awaiting_body());
+        assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Continue);
+        assert!(!f.awaiting_body());
+        for (method, path, eos) in [
+            ("GET", "/v1/chat/completions", false),
+            ("POST", "/v1/chat/completions", true),
+        ] {
+            let mut h = host(method, path, "");
+            let mut f = filter(cfg.clone());
+            assert_eq!(f.on_request_headers(&mut h, &m, eos), Verdict::Continue);
+            assert!(!f.awaiting_body());
+        }
+    }
+
+    #[test]
+    fn trailers_end_the_body() {
+        let body = r#"{"messages":[{"content":[{"type":"image_url"#;
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", body);
+        let mut f = filter(Config::default());
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.on_request_body(&mut h, &m, body.len(), false), Verdict::Pause);
+        assert_eq!(f.on_request_trailers(&mut h, &m), Verdict::Pause);
+        assert_eq!(h.reply.as_ref().map(|r| r.0), Some(400));
+        // Without a body, or once decided, trailers change nothing.
+        assert_eq!(f.on_request_trailers(&mut h, &m), Verdict::Continue);
+        let mut f = filter(Config::default());
+        let mut h = host("GET", "/v1/chat/completions", "");
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.on_request_trailers(&mut h, &m), Verdict::Continue);
+    }
+
+    #[test]
     fn oversized_body_is_refused_before_the_end() {
         let m = FakeMetrics::default();
         let mut h = host("POST", "/v1/chat/completions", "");
@@ -1135,6 +1246,24 @@ mod tests {
             ),
             (1, 1)
         );
+    }
+
+    #[test]
+    fn client_errors_are_not_retried() {
+        use crate::core::encode::EncodeFanout;
+        let (mut f, mut h, m, _) = start(
+            epd(EncodeFailure::Fallback, EncodeFanout::PerRequest),
+            TWO_IMAGES,
+            true,
+        );
+        assert_eq!(
+            f.on_encode_response(&mut h, &m, 100, Some(400)),
+            Verdict::Continue
+        );
+        assert_eq!((h.calls.len(), h.resumed), (1, 1), "one call, then PD");
+        assert!(!m.counts.borrow().contains_key(Counter::EncodeRetries.name()));
+        assert!(retriable(None) && retriable(Some(503)) && retriable(Some(504)));
+        assert!(!retriable(Some(400)) && !retriable(Some(429)) && !retriable(Some(302)));
     }
 
     #[test]

@@ -34,6 +34,23 @@ impl RequestHeaders {
             .find(|(k, _)| k == name)
             .and_then(|(_, v)| std::str::from_utf8(v).ok())
     }
+
+    /// The `content-encoding` of a body the filter cannot read as sent:
+    /// any coding but `identity` (a value that is not UTF-8 included, shown
+    /// lossily). `None` for a plain body.
+    pub fn content_encoding(&self) -> Option<String> {
+        let plain = |v: &[u8]| {
+            v.split(|&b| b == b',').all(|c| {
+                let c = c.trim_ascii();
+                c.is_empty() || c.eq_ignore_ascii_case(b"identity")
+            })
+        };
+        self.0
+            .iter()
+            .filter(|(k, _)| k == "content-encoding")
+            .find(|(_, v)| !plain(v))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
 }
 
 /// Per-request host calls.
@@ -205,6 +222,11 @@ impl GaugeSet {
 pub trait Services: Metrics + Traffic {
     /// Publishes the `changed` gauges of the shared state.
     fn publish(&self, state: &TrafficState, changed: GaugeSet);
+    /// Whether request headers may be held (`hold_headers`) in this VM: not
+    /// once it found that the host stops the body along with them.
+    fn may_hold_headers(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
@@ -230,5 +252,20 @@ mod tests {
         assert_eq!(h.get("x-request-id"), Some("abc"));
         assert_eq!(h.get("missing"), None);
         assert_eq!(RequestHeaders::default().get(":path"), None);
+    }
+
+    #[test]
+    fn content_encodings_other_than_identity_are_reported() {
+        let h = |v: &[u8]| RequestHeaders::new(vec![("content-encoding".into(), v.to_vec())]);
+        for plain in [&b"identity"[..], b"Identity", b"", b" identity , identity"] {
+            assert_eq!(h(plain).content_encoding(), None, "{plain:?}");
+        }
+        assert_eq!(h(b"gzip").content_encoding().as_deref(), Some("gzip"));
+        assert_eq!(
+            h(b"identity, br").content_encoding().as_deref(),
+            Some("identity, br")
+        );
+        assert!(h(b"\xff").content_encoding().is_some());
+        assert_eq!(RequestHeaders::default().content_encoding(), None);
     }
 }

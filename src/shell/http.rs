@@ -1,7 +1,7 @@
 //! One request: the [`RequestFilter`] state machine over hostcalls.
 
 use super::metrics::HostMetrics;
-use super::{now_micros, shared, warn_err};
+use super::{hold, now_micros, shared, warn_err};
 use crate::core::residual::ResidualHistogram;
 use crate::core::traffic::{ClusterSignal, TrafficState};
 use crate::filter::{
@@ -67,6 +67,9 @@ impl Services for VmServices {
     fn publish(&self, state: &TrafficState, changed: GaugeSet) {
         self.metrics.publish(state, changed, now_micros(), self.window_s);
     }
+    fn may_hold_headers(&self) -> bool {
+        hold::may_hold()
+    }
 }
 
 pub struct Http {
@@ -96,6 +99,7 @@ impl Context for Http {
     }
 
     fn on_done(&mut self) -> bool {
+        hold::done(self.host.context_id);
         self.filter.on_done(self.services.as_ref());
         true
     }
@@ -110,13 +114,17 @@ fn action(v: Verdict) -> Action {
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _n: usize, end_of_stream: bool) -> Action {
-        action(
-            self.filter
-                .on_request_headers(&mut self.host, self.services.as_ref(), end_of_stream),
-        )
+        let verdict = self
+            .filter
+            .on_request_headers(&mut self.host, self.services.as_ref(), end_of_stream);
+        if verdict == Verdict::Pause && self.filter.awaiting_body() {
+            hold::paused(self.host.context_id, now_micros());
+        }
+        action(verdict)
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        hold::body_seen(self.host.context_id);
         let services = self.services.as_ref();
         let verdict = self
             .filter
@@ -131,6 +139,13 @@ impl HttpContext for Http {
             }
         }
         action(verdict)
+    }
+
+    fn on_http_request_trailers(&mut self, _n: usize) -> Action {
+        action(
+            self.filter
+                .on_request_trailers(&mut self.host, self.services.as_ref()),
+        )
     }
 
     fn on_http_response_headers(&mut self, _n: usize, _end_of_stream: bool) -> Action {
@@ -148,6 +163,7 @@ impl HttpContext for Http {
     }
 
     fn on_log(&mut self) {
+        hold::done(self.host.context_id);
         self.filter.on_done(self.services.as_ref());
     }
 }

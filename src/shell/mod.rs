@@ -9,7 +9,9 @@
 //! - `http`: one request (the [`crate::filter::RequestFilter`] over hostcalls).
 //! - `metrics`: metric definitions.
 //! - `shared`: the traffic state in shared data.
+//! - `hold`: holding request headers until the body is decided, safely.
 
+mod hold;
 mod http;
 mod metrics;
 mod root;

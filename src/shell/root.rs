@@ -7,7 +7,7 @@ use super::metrics::{
     HostMetrics, COUNTER_POLLS, COUNTER_POLL_FAILURES, GAUGE_CLUSTER_FRESH, GAUGE_CLUSTER_RUNNING,
     GAUGE_CLUSTER_WAITING, GAUGE_PD_CLUSTER_RUNNING, GAUGE_PD_CLUSTER_WAITING,
 };
-use super::{now_micros, shared};
+use super::{hold, now_micros, shared, warn_err};
 use crate::core::config::Config;
 use crate::core::prometheus::sum_of;
 use crate::core::residual::ResidualHistogram;
@@ -28,6 +28,12 @@ pub struct Root {
     owner: u64,
     /// Tokens of the metrics polls in flight, by target.
     polls: Vec<(u32, Target)>,
+    /// When the next metrics poll is due, µs.
+    next_poll_us: u64,
+    /// The metrics poll period (0: no poll).
+    poll_ms: u64,
+    /// The tick runs faster than the poll for the hold watchdog.
+    fast_tick: bool,
 }
 
 /// A cluster whose `/metrics` the root context polls.
@@ -90,11 +96,19 @@ impl Root {
         shared::init(shared::TRAFFIC_KEY, &TrafficState::initial().encode());
         shared::init(shared::RESIDUALS_KEY, &ResidualHistogram::default().encode());
         let any_cluster = config.encode_cluster.is_some() || config.pd_metrics_cluster.is_some();
-        let poll = match config.metrics_poll_ms {
-            ms if ms > 0 && any_cluster => Duration::from_millis(ms),
-            _ => Duration::ZERO,
+        let poll = if any_cluster { config.metrics_poll_ms } else { 0 };
+        // The hold watchdog ticks faster until it has decided.
+        let tick = match (config.hold_headers && hold::undecided(), poll) {
+            (true, 0) => hold::TICK_MS,
+            (true, ms) => ms.min(hold::TICK_MS),
+            (false, ms) => ms,
         };
-        if let Err(e) = hostcalls::set_tick_period(poll) {
+        self.poll_ms = poll;
+        // The first poll one period after configuration, as with a tick of
+        // the poll's period.
+        self.next_poll_us = now_micros() + poll * 1000;
+        self.fast_tick = tick != poll;
+        if let Err(e) = hostcalls::set_tick_period(Duration::from_millis(tick)) {
             log::warn!("vlm-budget: cannot set the poll period: {e:?}");
         }
         self.services = Some(Rc::new(VmServices {
@@ -109,10 +123,14 @@ impl Root {
         if targets.iter().all(|t| t.cluster(cfg).is_none()) || !self.polls.is_empty() {
             return;
         }
+        if cfg.metrics_poll_ms == 0 || now < self.next_poll_us {
+            return;
+        }
         let lease_until = now + 3 * cfg.metrics_poll_ms * 1000;
         if !shared::acquire_lease(self.owner, now, lease_until) {
             return;
         }
+        self.next_poll_us = now + cfg.metrics_poll_ms * 1000;
         for target in targets {
             let Some((cluster, authority)) = target.cluster(cfg) else {
                 continue;
@@ -224,6 +242,21 @@ impl RootContext for Root {
             m.publish(&shared::traffic(), GaugeSet::ALL, now, cfg.rate_window_s);
         }
         self.poll_metrics(cfg, now);
+        let resume = hold::expired(now);
+        if self.fast_tick && !hold::undecided() {
+            self.fast_tick = false;
+            warn_err(
+                "tick period",
+                hostcalls::set_tick_period(Duration::from_millis(self.poll_ms)),
+            );
+        }
+        // Last: each resume makes that request the effective context.
+        for context in resume {
+            // The stream is alive: its entry is removed in on_done / on_log.
+            if warn_err("held request", hostcalls::set_effective_context(context)).is_some() {
+                warn_err("resume held request", hostcalls::resume_http_request());
+            }
+        }
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -81,7 +81,7 @@ def localise(boot: dict, policy_dir: pathlib.Path, ports: dict[str, int], admin:
     for name, lst in listeners.items():
         lst["address"]["socket_address"].update(address="127.0.0.1", port_value=ports[name])
     hcm = listeners["vlm_ingress"]["filter_chains"][0]["filters"][0]["typed_config"]
-    src = hcm["http_filters"][0]["config_discovery"]["config_source"]["path_config_source"]
+    src = harness.wasm_filter(hcm)["config_discovery"]["config_source"]["path_config_source"]
     src["path"] = str(policy_dir / "vlm-budget.yaml")
     src["watched_directory"]["path"] = str(policy_dir)
     for c in boot["static_resources"]["clusters"]:
@@ -105,9 +105,10 @@ def inline(boot: dict, policy: dict) -> dict:
     boot = copy.deepcopy(boot)
     hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     ext = policy["resources"][0]
-    assert hcm["http_filters"][0]["name"] == ext["name"]
-    assert ext["typed_config"]["@type"] in hcm["http_filters"][0]["config_discovery"]["type_urls"]
-    hcm["http_filters"][0] = {"name": ext["name"], "typed_config": ext["typed_config"]}
+    at = hcm["http_filters"].index(harness.wasm_filter(hcm))
+    assert hcm["http_filters"][at]["name"] == ext["name"]
+    assert ext["typed_config"]["@type"] in hcm["http_filters"][at]["config_discovery"]["type_urls"]
+    hcm["http_filters"][at] = {"name": ext["name"], "typed_config": ext["typed_config"]}
     return boot
 
 
@@ -244,3 +245,64 @@ def test_mesh_plugin_configs_reach_the_named_encode_cluster(rendered, wasm, tmp_
     finally:
         pd.close()
         encoder.close()
+
+
+def test_request_path_patches_validate(rendered, wasm, tmp_path):
+    """Every shipped request path puts Envoy's gzip decompressor in front of
+    the filter, and holds headers only where Envoy's flag is set: the
+    decompressor of each Istio EnvoyFilter and of the Envoy Gateway patch is
+    a valid Envoy filter in front of the filter, and the patched Wasm flag is
+    the one Envoy reads."""
+    eg = rendered["envoy-gateway"]
+    patches = one(eg, "EnvoyPatchPolicy", "vlm-budget-request-path")["spec"]["jsonPatches"]
+    (flag,) = [p["operation"] for p in patches if p["operation"]["path"] == "/allow_on_headers_stop_iteration"]
+    assert flag["value"] is True and WASM_TYPE in flag["jsonPath"]
+    assert one(eg, "EnvoyExtensionPolicy", "vlm-budget")["spec"]["wasm"][0]["config"]["hold_headers"] is True
+    decompressors = [("envoy-gateway", p["operation"]["value"]) for p in patches
+                     if p["operation"]["path"].endswith("/http_filters/0")]
+    for ef in find(rendered["istio"], "EnvoyFilter"):
+        for patch in ef["spec"]["configPatches"]:
+            if patch["applyTo"] == "HTTP_FILTER":
+                assert patch["patch"]["operation"] == "INSERT_FIRST"
+                decompressors.append((ef["metadata"]["name"], patch["patch"]["value"]))
+    assert len(decompressors) == 3
+    # Istio cannot set the flag on a WasmPlugin: its configs do not hold.
+    for wp in find(rendered["istio"], "WasmPlugin"):
+        assert wp["spec"]["pluginConfig"]["hold_headers"] is False
+    for name, dec in decompressors:
+        assert dec["name"] == harness.DECOMPRESSOR
+        cfg = harness.render_config({"policy": "static", "hold_headers": True}, harness.free_port(),
+                                    harness.free_port(), harness.free_port(), wasm)
+        hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        assert hcm["http_filters"][0]["name"] == harness.DECOMPRESSOR
+        hcm["http_filters"][0] = dec
+        harness.wasm_filter(hcm)["typed_config"]["config"]["allow_on_headers_stop_iteration"] = flag["value"]
+        validate(cfg, tmp_path, name)
+
+
+def test_shipped_envoy_configs_decompress_and_hold(rendered):
+    """The plain Envoy configs: decompressor first, and the filter's
+    hold_headers matching Envoy's allow_on_headers_stop_iteration."""
+    boots = [yaml.safe_load(p.read_text()) for p in repo_bootstraps()]
+    boots.append(yaml.safe_load((ROOT / "envoy/xds/lds.yaml").read_text())["resources"][0])
+    k8s = rendered["kubernetes/overlays/static"]
+    boot = yaml.safe_load(next(d for d in find(k8s, "ConfigMap") if d["metadata"]["name"].startswith(
+        "vlm-budget-envoy-"))["data"]["envoy.yaml"])
+    boots.append(boot)
+    seen = 0
+    for doc in boots:
+        listeners = doc.get("static_resources", {}).get("listeners", []) if "static_resources" in doc else [doc]
+        for lst in listeners:
+            hcm = lst["filter_chains"][0]["filters"][0]["typed_config"]
+            names = [f["name"] for f in hcm.get("http_filters", [])]
+            if len(names) < 2:
+                continue
+            assert names[0] == harness.DECOMPRESSOR, names
+            seen += 1
+    assert seen >= 3
+    for overlay in ("vanilla", "static", "dynamic"):
+        docs = rendered[f"kubernetes/overlays/{overlay}"]
+        policy = yaml.safe_load(one(docs, "ConfigMap", "vlm-budget-policy")["data"]["vlm-budget.yaml"])
+        wasm_cfg = policy["resources"][0]["typed_config"]["config"]
+        plugin = json.loads(wasm_cfg["configuration"]["value"])
+        assert plugin["hold_headers"] is wasm_cfg["allow_on_headers_stop_iteration"] is True, overlay

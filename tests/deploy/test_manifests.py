@@ -205,8 +205,9 @@ def test_plain_envoy_points_at_the_vllm_services(rendered):
     pod = dep["spec"]["template"]["spec"]
     mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}
-    ecds = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
-        "http_filters"][0]["config_discovery"]["config_source"]["path_config_source"]
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    (ecds,) = [f["config_discovery"]["config_source"]["path_config_source"] for f in hcm["http_filters"]
+               if "config_discovery" in f]
     assert ecds["path"] == f"{mounts['policy']}/vlm-budget.yaml"
     assert ecds["watched_directory"]["path"] == mounts["policy"]
     assert volumes["policy"]["configMap"]["name"] == "vlm-budget-policy"

@@ -27,14 +27,17 @@ def start_envoy(wasm, tmp_path_factory):
     """Factory: start_envoy(plugin_config, upstream) -> ready Envoy (stopped at module end)."""
     started = []
 
-    def start(plugin_config, upstream, encode_port=None):
-        """`upstream`: a Recorder or an Emulator (then its encode port is the default)."""
+    def start(plugin_config, upstream, encode_port=None, mutate=None):
+        """`upstream`: a Recorder or an Emulator (then its encode port is the default);
+        `mutate(config)` may change the rendered Envoy configuration."""
         listen, admin = harness.free_port(), harness.free_port()
         if isinstance(upstream, harness.Emulator):
             pd_port, encode_port = upstream.pd_port, encode_port or upstream.encode_port
         else:
             pd_port = upstream.port
         cfg = harness.render_config(plugin_config, pd_port, listen, admin, wasm, encode_port)
+        if mutate is not None:
+            mutate(cfg)
         env = harness.Envoy(cfg, tmp_path_factory.mktemp("envoy"), admin, listen)
         started.append(env)
         return env.wait_ready()

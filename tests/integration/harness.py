@@ -136,6 +136,15 @@ class Recorder:
 # ---------------------------------------------------------------- envoy
 
 
+DECOMPRESSOR = "envoy.filters.http.decompressor"
+
+
+def wasm_filter(hcm: dict) -> dict:
+    """The vlm-budget entry of an HTTP connection manager's filters (the
+    shipped configs put Envoy's request decompressor in front of it)."""
+    return next(f for f in hcm["http_filters"] if f["name"] != DECOMPRESSOR)
+
+
 def render_config(plugin_config: dict | None, upstream_port: int, listen_port: int, admin_port: int,
                   wasm: pathlib.Path = WASM, encode_port: int | None = None) -> dict:
     """envoy/envoy.yaml with test ports, the built module and a plugin config.
@@ -147,7 +156,7 @@ def render_config(plugin_config: dict | None, upstream_port: int, listen_port: i
     listener = cfg["static_resources"]["listeners"][0]
     listener["address"]["socket_address"]["port_value"] = listen_port
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-    wasm_cfg = hcm["http_filters"][0]["typed_config"]["config"]
+    wasm_cfg = wasm_filter(hcm)["typed_config"]["config"]
     wasm_cfg["vm_config"]["code"]["local"]["filename"] = str(wasm)
     if plugin_config is not None:
         wasm_cfg["configuration"]["value"] = json.dumps(plugin_config)

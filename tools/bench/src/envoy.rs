@@ -12,7 +12,8 @@ use std::path::Path;
 pub const POLICIES: [&str; 3] = ["vanilla", "static", "dynamic"];
 
 /// The plugin configuration for `policy`: EPD routing to `encode_cluster`,
-/// the SLO and the static budget, then `overrides` (dotted keys allowed:
+/// the prefill/decode cluster's metrics polled too, the SLO and the static
+/// budget, then `overrides` (dotted keys allowed:
 /// `profile.encode_replicas=2`). Checked with the filter's own validation.
 pub fn plugin_config(
     policy: &str,
@@ -36,6 +37,8 @@ pub fn plugin_config(
         "encode_authority": "vlm-encode",
         "encode_fanout": "per_image",
         "encode_failure": "fallback",
+        "pd_metrics_cluster": "pd_cluster",
+        "pd_metrics_authority": "vlm-pd",
         "static_budget_tokens": static_budget,
         "ttft_slo_ms": slo_ms.round() as u64,
     });
