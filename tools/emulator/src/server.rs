@@ -535,6 +535,7 @@ impl Instance {
         body: Bytes,
         arrival: Instant,
     ) -> Result<Served, (ApiError, Option<Analysis>)> {
+        let body_at = Instant::now();
         let limits = self.shared.limits;
         let analysis = match tokio::task::spawn_blocking(move || analyse(&body, &limits)).await {
             Ok(Ok(a)) => a,
@@ -547,10 +548,12 @@ impl Instance {
             }
         };
         let time = &self.shared.time;
-        // Preprocessing: the modelled CPU time, or the real decoding time if
-        // that was longer.
+        // Preprocessing: the modelled CPU time from the moment the whole body
+        // is here (a server cannot preprocess images it has not received,
+        // even when a proxy sent the headers early), or the real decoding
+        // time if that was longer.
         let preprocess_model = time.preprocess_ms(self.role, analysis.pixels());
-        tokio::time::sleep_until(after(arrival, time.wall(preprocess_model))).await;
+        tokio::time::sleep_until(after(body_at, time.wall(preprocess_model))).await;
         let mut stats = Stats {
             preprocess_ms: self.emulated_ms(arrival.elapsed()),
             ..Stats::default()
