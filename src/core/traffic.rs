@@ -150,22 +150,14 @@ impl TrafficState {
     /// of weight `alpha`, each observation clipped to [1/4, 4], the factor
     /// bounded to `[min, max]`.
     pub fn calibrate(&mut self, observed_ms: f64, predicted_ms: f64, alpha: f64, min: f64, max: f64) {
-        if !(observed_ms > 0.0 && predicted_ms > 0.0) {
-            return;
-        }
-        let ratio = (observed_ms / predicted_ms).clamp(0.25, 4.0);
-        self.calibration = (self.calibration * ratio.powf(alpha)).clamp(min, max);
-        self.calibration_samples += 1;
+        let (f, n) = (&mut self.calibration, &mut self.calibration_samples);
+        step_factor(f, n, observed_ms, predicted_ms, alpha, (min, max));
     }
 
     /// The same for the prefill side's factor.
     pub fn calibrate_pd(&mut self, observed_ms: f64, predicted_ms: f64, alpha: f64, min: f64, max: f64) {
-        if !(observed_ms > 0.0 && predicted_ms > 0.0) {
-            return;
-        }
-        let ratio = (observed_ms / predicted_ms).clamp(0.25, 4.0);
-        self.pd_calibration = (self.pd_calibration * ratio.powf(alpha)).clamp(min, max);
-        self.pd_calibration_samples += 1;
+        let (f, n) = (&mut self.pd_calibration, &mut self.pd_calibration_samples);
+        step_factor(f, n, observed_ms, predicted_ms, alpha, (min, max));
     }
 
     /// Folds one measured transcode (`ms` for `mpixels` input megapixels)
@@ -182,6 +174,24 @@ impl TrafficState {
         };
         self.transcode_samples += 1;
     }
+}
+
+/// One calibration step of `factor` (see [`TrafficState::calibrate`]);
+/// an observation or prediction that is not positive is ignored.
+fn step_factor(
+    factor: &mut f64,
+    samples: &mut u64,
+    observed_ms: f64,
+    predicted_ms: f64,
+    alpha: f64,
+    (min, max): (f64, f64),
+) {
+    if !(observed_ms > 0.0 && predicted_ms > 0.0) {
+        return;
+    }
+    let ratio = (observed_ms / predicted_ms).clamp(0.25, 4.0);
+    *factor = (*factor * ratio.powf(alpha)).clamp(min, max);
+    *samples += 1;
 }
 
 /// Factor by which an exponentially decaying rate falls from `then_us` to
