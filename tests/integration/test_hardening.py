@@ -535,8 +535,13 @@ def test_limits_hold_before_allocation(custom_envoy, upstream):
     seen = len(upstream.requests)
     limit = 64 * 1024 * 1024
     # The declared length is over the limit: the answer comes at the headers,
-    # before the body is buffered (the client would stop 2 MiB past the limit).
-    status, reply, sent_at_answer = send_huge_body(env, 100_000_000, pause_after=limit + (2 << 20))
+    # before the body is buffered. The client pauses with less than the limit
+    # sent (its last 1 MiB chunk stays under it) and waits: an answer while it
+    # waits can only have come from the headers, since refusing at the body
+    # needs more than the limit buffered (on a busy machine the client may
+    # reach its pause before it reads the answer, so the pause is below the
+    # limit, not past it).
+    status, reply, sent_at_answer = send_huge_body(env, 100_000_000, pause_after=limit - (2 << 20))
     assert status == 400, reply[:300]
     err = json.loads(reply)["error"]
     assert (err["code"], err["message"]) == ("body_too_large", "request body is larger than the 67108864-byte limit")
