@@ -16,7 +16,20 @@
 use super::probe::{probe, ImageFormat};
 use super::sizing::Dims;
 use super::transcode::ResizeFilter;
+use serde::Deserialize;
 use std::fmt;
+
+/// Where images are shrunk (`transcode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum TranscodeMode {
+    /// On the Envoy worker, in the filter.
+    #[default]
+    InFilter,
+    /// By the `vlm-transcode` service behind `transcode_cluster`; in the
+    /// filter when it fails.
+    Offload,
+}
 
 /// Path of the service's transcode endpoint.
 pub const PATH: &str = "/v1/transcode";
@@ -75,7 +88,10 @@ impl Target {
             let v = get(name).ok_or(TargetError::Missing(name))?;
             match v.trim().parse::<u32>() {
                 Ok(n) if (1..=1 << 16).contains(&n) => Ok(n),
-                _ => Err(TargetError::Invalid(name, format!("`{v}` is not a side of 1..=65536 pixels"))),
+                _ => Err(TargetError::Invalid(
+                    name,
+                    format!("`{v}` is not a side of 1..=65536 pixels"),
+                )),
             }
         };
         let to = Dims::new(side(TARGET_WIDTH)?, side(TARGET_HEIGHT)?);
@@ -83,7 +99,12 @@ impl Target {
             None => 90,
             Some(v) => match v.parse::<u8>() {
                 Ok(q) if (1..=100).contains(&q) => q,
-                _ => return Err(TargetError::Invalid(JPEG_QUALITY, format!("`{v}` is not 1..=100"))),
+                _ => {
+                    return Err(TargetError::Invalid(
+                        JPEG_QUALITY,
+                        format!("`{v}` is not 1..=100"),
+                    ))
+                }
             },
         };
         let filter = match get(RESIZE_FILTER).map(str::trim) {
@@ -232,7 +253,11 @@ mod tests {
                 JPEG_QUALITY,
             ),
             (
-                &[(TARGET_WIDTH, "10"), (TARGET_HEIGHT, "10"), (RESIZE_FILTER, "nearest")],
+                &[
+                    (TARGET_WIDTH, "10"),
+                    (TARGET_HEIGHT, "10"),
+                    (RESIZE_FILTER, "nearest"),
+                ],
                 RESIZE_FILTER,
             ),
         ];
@@ -250,7 +275,10 @@ mod tests {
         let check = |status, body: Option<Vec<u8>>| check_answer(status, body, ImageFormat::Png, to, 1 << 20);
         assert_eq!(check(Some(200), Some(good.clone())), Ok(good.clone()));
         assert_eq!(check(None, Some(good.clone())), Err(AnswerError::NoAnswer));
-        assert_eq!(check(Some(503), Some(good.clone())), Err(AnswerError::Status(503)));
+        assert_eq!(
+            check(Some(503), Some(good.clone())),
+            Err(AnswerError::Status(503))
+        );
         assert_eq!(check(Some(204), None), Err(AnswerError::Status(204)));
         assert!(matches!(check(Some(200), None), Err(AnswerError::NotAnImage(_))));
         assert!(matches!(
