@@ -149,7 +149,7 @@ fn image_err(index: usize, kind: ImageErrorKind, detail: impl ToString) -> Filte
 }
 
 /// An image the policy shrinks, and to what size.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Job<P> {
     /// Document index of the image (0-based).
     pub index: usize,
@@ -187,7 +187,7 @@ impl<P> Job<P> {
 /// A request located, sized and budgeted, before any image is transcoded:
 /// what [`process`] does next in place, or the filter hands to the offload
 /// service.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Plan<P> {
     /// The images to shrink, in document order.
     pub jobs: Vec<Job<P>>,

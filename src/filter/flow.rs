@@ -7,12 +7,13 @@
 //! prefill/decode sends back; that time, against the dynamic policy's
 //! prediction, is what the policy learns its margin from.
 
-use super::host::{Counter, EncodeCall, GaugeSet, HttpHost, Services};
+use super::host::{Counter, EncodeCall, GaugeSet, HttpHost, Services, TranscodeCall};
 use crate::core::config::Config;
 use crate::core::dynamic::DynamicParams;
 use crate::core::encode::{encode_requests, EncodeFailure};
 use crate::core::error::FilterError;
-use crate::core::pipeline::{process, ImageAction, Outcome, RequestContext};
+use crate::core::offload::{self, check_answer, AnswerError, Target, TranscodeMode};
+use crate::core::pipeline::{plan, process, ImageAction, Outcome, Plan, RequestContext};
 use crate::core::policy::{self, BudgetPolicy, PolicyKind, Prediction};
 use crate::core::residual::MarginRule;
 use crate::core::sse::FirstToken;
@@ -75,6 +76,9 @@ enum State {
     Bypass,
     /// Buffering the body of a request the filter acts on.
     Buffering,
+    /// Images at the transcode service (`transcode: "offload"`); the
+    /// worker serves other streams meanwhile.
+    Transcoding(Box<Transcoding>),
     /// Waiting for the encode cluster before forwarding to PD.
     Encoding(Encoding),
     /// Forwarded to prefill/decode: the report goes on the response.
@@ -135,6 +139,61 @@ struct Encoding {
     timed: Timed,
 }
 
+/// How a request's images were decided, for the rest of its way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Processed {
+    /// When the body was decided (µs).
+    decided_us: u64,
+    /// The traffic the policy read, if it did.
+    seen: Option<TrafficSnapshot>,
+    /// Time spent shrinking the images: in the filter, or (offload) from
+    /// the calls' dispatch to the last image in hand.
+    transcode_us: u64,
+    /// `transcode: "offload"`: `offload`, or `fallback` when the filter
+    /// shrank any image itself.
+    offload: Option<&'static str>,
+}
+
+/// Images at the transcode service, one call each.
+#[derive(Debug, Clone, PartialEq)]
+struct Transcoding {
+    body: Vec<u8>,
+    body_size: usize,
+    plan: Plan<Vec<u8>>,
+    /// Each job's new URL and its time, once in hand.
+    done: Vec<Option<(Vec<u8>, u64)>>,
+    /// In-flight calls: (token, job).
+    pending: Vec<(u32, usize)>,
+    /// Why the service did not shrink a job (logged at the fallback).
+    failed: Vec<(usize, String)>,
+    started_us: u64,
+    decided_us: u64,
+    seen: Option<TrafficSnapshot>,
+}
+
+impl Transcoding {
+    fn new(
+        body: Vec<u8>,
+        body_size: usize,
+        plan: Plan<Vec<u8>>,
+        decided_us: u64,
+        seen: Option<TrafficSnapshot>,
+        now_us: u64,
+    ) -> Self {
+        Self {
+            body,
+            body_size,
+            done: vec![None; plan.jobs.len()],
+            plan,
+            pending: Vec::new(),
+            failed: Vec::new(),
+            started_us: now_us,
+            decided_us,
+            seen,
+        }
+    }
+}
+
 /// Traffic counters this request holds, released exactly once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Held {
@@ -155,6 +214,7 @@ pub const HEADER_IMAGES: &str = "x-vlm-images";
 pub const HEADER_RESIZED: &str = "x-vlm-images-resized";
 pub const HEADER_TRANSCODE: &str = "x-vlm-transcode-ms";
 pub const HEADER_FAIL_OPEN: &str = "x-vlm-fail-open";
+pub const HEADER_OFFLOAD: &str = "x-vlm-transcode";
 pub const HEADER_ENCODE: &str = "x-vlm-encode";
 pub const HEADER_ENCODE_MS: &str = "x-vlm-encode-ms";
 pub const HEADER_ENCODE_CALLS: &str = "x-vlm-encode-calls";
@@ -301,26 +361,63 @@ impl RequestFilter {
             elapsed_ms: decided_us.saturating_sub(self.arrived_us) as f64 / 1000.0,
         };
         let clock = || host.now_micros();
-        let outcome = match process(&body, cfg, shared.policy.as_ref(), &ctx, &clock) {
-            Ok(outcome) => outcome,
-            Err(e) => return self.fail(host, svc, e),
+        let outcome = if cfg.transcode == TranscodeMode::Offload {
+            match plan(&body, cfg, shared.policy.as_ref(), &ctx) {
+                Ok(p) if !p.jobs.is_empty() => {
+                    let req = Transcoding::new(body, body_size, p, decided_us, seen.get(), host.now_micros());
+                    return self.start_transcoding(host, svc, req);
+                }
+                Ok(p) => p.finish(&body, Vec::new()),
+                Err(e) => return self.fail(host, svc, e),
+            }
+        } else {
+            match process(&body, cfg, shared.policy.as_ref(), &ctx, &clock) {
+                Ok(outcome) => outcome,
+                Err(e) => return self.fail(host, svc, e),
+            }
         };
+        let processed = Processed {
+            decided_us,
+            seen: seen.get(),
+            transcode_us: outcome.transcode_micros(),
+            offload: None,
+        };
+        self.after_process(host, svc, body, body_size, outcome, processed)
+    }
+
+    /// The images are decided (and shrunk): the body is replaced, the
+    /// request counted in the traffic state, and sent on to the encoders or
+    /// prefill/decode.
+    fn after_process(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        body: Vec<u8>,
+        body_size: usize,
+        outcome: Outcome,
+        done: Processed,
+    ) -> Verdict {
+        let shared = Rc::clone(&self.shared);
+        let cfg = &shared.config;
+        let decided_us = done.decided_us;
         if outcome.images.is_empty() {
             // Text only: nothing to report to the traffic state.
-            return self.forward(host, svc, report_of(&outcome), None);
+            return self.forward(host, svc, report_of(&outcome, 0), None);
         }
         if let Some(new_body) = &outcome.body {
             host.replace_request_body(body_size, new_body);
         }
-        record(svc, &outcome);
-        let report = report_of(&outcome);
+        record(svc, &outcome, done.transcode_us);
+        let mut report = report_of(&outcome, done.transcode_us);
+        if let Some(how) = done.offload {
+            report.headers.push((HEADER_OFFLOAD, how.to_string()));
+        }
         let images = outcome.images.len() as u64;
         let tokens = outcome.tokens_after();
         let window = cfg.rate_window_s;
-        let (transcode_ms, resized_mpixels) = (
-            outcome.transcode_micros() as f64 / 1000.0,
-            outcome.resized_mpixels(),
-        );
+        // In offload mode this is the round trip to the service (and any
+        // fallback): what the dynamic policy's transcode term should predict.
+        let (transcode_ms, resized_mpixels) = (done.transcode_us as f64 / 1000.0, outcome.resized_mpixels());
         let state = svc.update(&mut |s| {
             s.record_arrival(decided_us, images, tokens, window);
             s.record_transcode(transcode_ms, resized_mpixels);
@@ -346,7 +443,7 @@ impl RequestFilter {
         if cfg.encode_cluster.is_none() {
             return self.forward(host, svc, report, Some(timed));
         }
-        let traffic = seen.get().unwrap_or_else(|| shared.snapshot(svc, decided_us));
+        let traffic = done.seen.unwrap_or_else(|| shared.snapshot(svc, decided_us));
         self.start_encoding(host, svc, &final_body, report, &traffic, timed)
     }
 
@@ -562,6 +659,143 @@ impl RequestFilter {
         verdict
     }
 
+    /// Whether the request waits for the transcode service: call answers
+    /// go to [`Self::on_transcode_response`].
+    pub fn transcoding(&self) -> bool {
+        matches!(self.state, State::Transcoding(_))
+    }
+
+    /// Sends each image of the plan to the transcode service; the request
+    /// waits for the answers. A dispatch the host refuses leaves its image
+    /// to the filter.
+    fn start_transcoding(&mut self, host: &mut dyn HttpHost, svc: &dyn Services, mut req: Transcoding) -> Verdict {
+        let shared = Rc::clone(&self.shared);
+        let cfg = &shared.config;
+        let opts = cfg.transcode_options();
+        for (i, job) in req.plan.jobs.iter().enumerate() {
+            let Some(cluster) = cfg.transcode_cluster.as_deref() else {
+                req.failed.push((i, "no transcode_cluster".into()));
+                continue;
+            };
+            let target = Target {
+                to: job.to,
+                jpeg_quality: opts.jpeg_quality,
+                filter: opts.filter,
+            };
+            let headers = target.headers();
+            let call = TranscodeCall {
+                cluster,
+                authority: &cfg.transcode_authority,
+                path: offload::PATH,
+                content_type: job.header.format.mime(),
+                headers: &headers,
+                body: &job.payload,
+                timeout_ms: cfg.transcode_timeout_ms,
+            };
+            match host.dispatch_transcode(&call) {
+                Ok(token) => req.pending.push((token, i)),
+                Err(e) => req.failed.push((i, format!("dispatch to {cluster} refused: {e}"))),
+            }
+        }
+        self.state = State::Transcoding(Box::new(req));
+        self.after_transcode_event(host, svc, false)
+    }
+
+    /// A transcode call answered (`status`: the HTTP status, `None` when the
+    /// call itself failed; `body_size`: bytes of its body).
+    pub fn on_transcode_response(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        token: u32,
+        status: Option<u32>,
+        body_size: usize,
+    ) -> Verdict {
+        let limit = usize::try_from(self.shared.config.max_body_bytes).unwrap_or(usize::MAX);
+        let State::Transcoding(req) = &mut self.state else {
+            return Verdict::Continue;
+        };
+        let Some(pos) = req.pending.iter().position(|p| p.0 == token) else {
+            return Verdict::Continue;
+        };
+        let (_, i) = req.pending.swap_remove(pos);
+        let Some(job) = req.plan.jobs.get(i) else {
+            return self.after_transcode_event(host, svc, true);
+        };
+        let answer = if body_size > limit {
+            Err(AnswerError::TooLarge { len: body_size, limit })
+        } else {
+            let body = status.is_some_and(|s| s == 200).then(|| host.call_response_body(body_size));
+            check_answer(status, body.flatten(), job.header.format, job.to, limit)
+        };
+        match answer {
+            Ok(bytes) => {
+                let took = host.now_micros().saturating_sub(req.started_us);
+                if let Some(slot) = req.done.get_mut(i) {
+                    *slot = Some((job.url(&bytes), took));
+                }
+            }
+            Err(e) => req.failed.push((i, e.to_string())),
+        }
+        self.after_transcode_event(host, svc, true)
+    }
+
+    /// Once no call is out: every image the service did not shrink is
+    /// shrunk here, then the request goes on as an in-filter one would.
+    fn after_transcode_event(&mut self, host: &mut dyn HttpHost, svc: &dyn Services, resume: bool) -> Verdict {
+        match &self.state {
+            State::Transcoding(req) if req.pending.is_empty() => {}
+            State::Transcoding(_) => return Verdict::Pause,
+            _ => return Verdict::Continue,
+        }
+        let State::Transcoding(req) = std::mem::replace(&mut self.state, State::Bypass) else {
+            return Verdict::Continue;
+        };
+        let mut req = *req;
+        let opts = self.shared.config.transcode_options();
+        let mut fallbacks = 0;
+        for (i, job) in req.plan.jobs.iter().enumerate() {
+            let Some(slot) = req.done.get_mut(i) else {
+                continue;
+            };
+            if slot.is_some() {
+                continue;
+            }
+            let why = req.failed.iter().find(|f| f.0 == i).map_or("no answer", |f| f.1.as_str());
+            log::warn!("vlm-budget: offload of image {} failed ({why}); shrinking it here", job.index);
+            let started = host.now_micros();
+            match job.transcode(&job.payload, &opts) {
+                Ok(out) => *slot = Some((job.url(&out), host.now_micros().saturating_sub(started))),
+                Err(e) => {
+                    let verdict = self.fail(host, svc, e);
+                    if resume && verdict == Verdict::Continue {
+                        host.resume_request();
+                    }
+                    return verdict;
+                }
+            }
+            fallbacks += 1;
+        }
+        let offloaded = req.plan.jobs.len() as u64 - fallbacks;
+        svc.add(Counter::TranscodeOffloads, offloaded);
+        if fallbacks > 0 {
+            svc.add(Counter::TranscodeFallbacks, fallbacks);
+        }
+        let done = req.done.into_iter().flatten().collect();
+        let processed = Processed {
+            decided_us: req.decided_us,
+            seen: req.seen,
+            transcode_us: host.now_micros().saturating_sub(req.started_us),
+            offload: Some(if fallbacks == 0 { "offload" } else { "fallback" }),
+        };
+        let outcome = req.plan.finish(&req.body, done);
+        let verdict = self.after_process(host, svc, req.body, req.body_size, outcome, processed);
+        if resume && verdict == Verdict::Continue {
+            host.resume_request();
+        }
+        verdict
+    }
+
     /// The answer's headers: the report goes on them; a request with images
     /// is timed to here (non-streamed answer) or to its first streamed
     /// token. An answer that is not 2xx gives no sample.
@@ -735,7 +969,7 @@ fn retriable(status: Option<u32>) -> bool {
     status.is_none_or(|s| s >= 500)
 }
 
-fn record(svc: &dyn Services, o: &Outcome) {
+fn record(svc: &dyn Services, o: &Outcome, transcode_us: u64) {
     let resized = o.resized() as u64;
     let passed = o
         .images
@@ -747,11 +981,11 @@ fn record(svc: &dyn Services, o: &Outcome) {
     svc.add(Counter::VisualTokensBefore, o.tokens_before());
     svc.add(Counter::VisualTokensAfter, o.tokens_after());
     if resized > 0 {
-        svc.transcode_ms(o.transcode_micros() / 1000);
+        svc.transcode_ms(transcode_us / 1000);
     }
 }
 
-fn report_of(o: &Outcome) -> Report {
+fn report_of(o: &Outcome, transcode_us: u64) -> Report {
     if o.images.is_empty() {
         let headers = vec![
             (HEADER_POLICY, o.policy.name().to_string()),
@@ -768,7 +1002,7 @@ fn report_of(o: &Outcome) -> Report {
         (HEADER_RESIZED, o.resized().to_string()),
         (
             HEADER_TRANSCODE,
-            format!("{:.1}", o.transcode_micros() as f64 / 1000.0),
+            format!("{:.1}", transcode_us as f64 / 1000.0),
         ),
     ];
     if let Some(reason) = o.reason {
@@ -805,6 +1039,11 @@ mod tests {
         answer_piece: Vec<u8>,
         /// The clock, µs (advanced by the tests).
         now: Cell<u64>,
+        /// (token, headers, body) of each transcode call.
+        transcodes: Vec<(u32, Vec<(String, String)>, Vec<u8>)>,
+        refuse_transcode: bool,
+        /// The body of the call answer being delivered.
+        call_answer: Vec<u8>,
     }
 
     impl HttpHost for FakeHost {
@@ -866,6 +1105,22 @@ mod tests {
         }
         fn resume_request(&mut self) {
             self.resumed += 1;
+        }
+        fn dispatch_transcode(&mut self, call: &TranscodeCall<'_>) -> Result<u32, String> {
+            if self.refuse_transcode {
+                return Err("BadArgument".into());
+            }
+            let token = 500 + self.transcodes.len() as u32;
+            let mut headers: Vec<(String, String)> =
+                call.headers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            headers.push(("content-type".into(), call.content_type.into()));
+            headers.push((":authority".into(), call.authority.into()));
+            headers.push((":path".into(), call.path.into()));
+            self.transcodes.push((token, headers, call.body.to_vec()));
+            Ok(token)
+        }
+        fn call_response_body(&self, size: usize) -> Option<Vec<u8>> {
+            self.call_answer.get(..size).map(<[u8]>::to_vec)
         }
     }
 

@@ -14,6 +14,19 @@ pub struct EncodeCall<'a> {
     pub timeout_ms: u64,
 }
 
+/// An HTTP call to the transcode service (`transcode: "offload"`): one
+/// image's bytes, its target in `headers`.
+#[derive(Debug, Clone, Copy)]
+pub struct TranscodeCall<'a> {
+    pub cluster: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub content_type: &'a str,
+    pub headers: &'a [(&'static str, String)],
+    pub body: &'a [u8],
+    pub timeout_ms: u64,
+}
+
 /// A request's headers, read with one host call (each call into the host
 /// costs about a microsecond in V8, so one map read beats one call per
 /// header). Envoy gives names in lower case; a value that is not UTF-8
@@ -65,6 +78,11 @@ pub trait HttpHost {
     /// Dispatches an encode call; its answer comes to
     /// `RequestFilter::on_encode_response` with the returned token.
     fn dispatch(&mut self, call: &EncodeCall<'_>) -> Result<u32, String>;
+    /// Dispatches a transcode call; its answer comes to
+    /// `RequestFilter::on_transcode_response` with the returned token.
+    fn dispatch_transcode(&mut self, call: &TranscodeCall<'_>) -> Result<u32, String>;
+    /// The body of the call answer being delivered, `[0, size)`.
+    fn call_response_body(&self, size: usize) -> Option<Vec<u8>>;
     /// Lets a paused request continue upstream.
     fn resume_request(&mut self);
     /// The buffered request body, `[0, size)`.
@@ -105,10 +123,14 @@ pub enum Counter {
     TtftSamples,
     /// Of those, the ones over their SLO.
     SloMisses,
+    /// Images shrunk by the transcode service (`transcode: "offload"`).
+    TranscodeOffloads,
+    /// Images the filter shrank itself after the service failed.
+    TranscodeFallbacks,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Requests,
         Counter::ImagesResized,
         Counter::ImagesPassed,
@@ -121,6 +143,8 @@ impl Counter {
         Counter::EncodeFallbacks,
         Counter::TtftSamples,
         Counter::SloMisses,
+        Counter::TranscodeOffloads,
+        Counter::TranscodeFallbacks,
     ];
 
     /// Stat name (Envoy shows it as `wasmcustom.<name>`).
@@ -138,6 +162,8 @@ impl Counter {
             Self::EncodeFallbacks => "vlm_budget_encode_fallbacks_total",
             Self::TtftSamples => "vlm_budget_ttft_samples_total",
             Self::SloMisses => "vlm_budget_slo_misses_total",
+            Self::TranscodeOffloads => "vlm_budget_transcode_offloads_total",
+            Self::TranscodeFallbacks => "vlm_budget_transcode_fallbacks_total",
         }
     }
 }

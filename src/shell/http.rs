@@ -6,7 +6,7 @@ use crate::core::residual::ResidualHistogram;
 use crate::core::traffic::{ClusterSignal, TrafficState};
 use crate::filter::{
     Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestFilter, RequestHeaders, Services, Shared,
-    Traffic, Verdict,
+    Traffic, TranscodeCall, Verdict,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -89,11 +89,16 @@ impl Http {
 }
 
 impl Context for Http {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body: usize, _trailers: usize) {
         let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten()
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
+        if self.filter.transcoding() {
+            self.filter
+                .on_transcode_response(&mut self.host, self.services.as_ref(), token, status, body);
+            return;
+        }
         self.filter
             .on_encode_response(&mut self.host, self.services.as_ref(), token, status);
     }
@@ -270,6 +275,30 @@ impl HttpHost for ProxyHost {
             Duration::from_millis(call.timeout_ms),
         )
         .map_err(|e| format!("{e:?}"))
+    }
+    fn dispatch_transcode(&mut self, call: &TranscodeCall<'_>) -> Result<u32, String> {
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", call.path),
+            (":authority", call.authority),
+            ("content-type", call.content_type),
+        ];
+        headers.extend(call.headers.iter().map(|(k, v)| (*k, v.as_str())));
+        hostcalls::dispatch_http_call(
+            call.cluster,
+            headers,
+            Some(call.body),
+            vec![],
+            Duration::from_millis(call.timeout_ms),
+        )
+        .map_err(|e| format!("{e:?}"))
+    }
+    fn call_response_body(&self, size: usize) -> Option<Vec<u8>> {
+        warn_err(
+            "get call answer",
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size),
+        )
+        .flatten()
     }
     fn resume_request(&mut self) {
         warn_err("resume", hostcalls::resume_http_request());
