@@ -8,7 +8,7 @@ WASM     := target/wasm32-wasip1/release/vlm_budget.wasm
 TESTDATA := .cache/testdata/usr/share/backgrounds/rhythm.jpg
 PYTEST   := $(VENV)/bin/pytest -q -p no:cacheprovider
 
-.PHONY: help toolchain wasm emulator venv testdata unit lint integration test demo stack clean
+.PHONY: help toolchain wasm emulator transcoder venv testdata unit lint integration test demo stack clean
 
 help:
 	@echo "make demo   - build the filter and run Envoy + local backends, sending sample requests"
@@ -23,6 +23,10 @@ wasm: toolchain
 # The backend emulator (tools/emulator): encode and PD servers on 127.0.0.1.
 emulator:
 	cargo build --release -p vlm-emulator
+
+# The offload transcode service (tools/transcoder), for transcode: "offload".
+transcoder:
+	cargo build --release -p vlm-transcode
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: tests/requirements.txt
@@ -42,7 +46,7 @@ lint: toolchain
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip1 -- -D warnings
 
-integration: wasm emulator venv testdata
+integration: wasm emulator transcoder venv testdata
 	$(PYTEST) tests/integration
 
 test: unit lint integration validate-deploy gpu-test

@@ -668,7 +668,12 @@ impl RequestFilter {
     /// Sends each image of the plan to the transcode service; the request
     /// waits for the answers. A dispatch the host refuses leaves its image
     /// to the filter.
-    fn start_transcoding(&mut self, host: &mut dyn HttpHost, svc: &dyn Services, mut req: Transcoding) -> Verdict {
+    fn start_transcoding(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        mut req: Transcoding,
+    ) -> Verdict {
         let shared = Rc::clone(&self.shared);
         let cfg = &shared.config;
         let opts = cfg.transcode_options();
@@ -694,7 +699,9 @@ impl RequestFilter {
             };
             match host.dispatch_transcode(&call) {
                 Ok(token) => req.pending.push((token, i)),
-                Err(e) => req.failed.push((i, format!("dispatch to {cluster} refused: {e}"))),
+                Err(e) => req
+                    .failed
+                    .push((i, format!("dispatch to {cluster} refused: {e}"))),
             }
         }
         self.state = State::Transcoding(Box::new(req));
@@ -723,9 +730,14 @@ impl RequestFilter {
             return self.after_transcode_event(host, svc, true);
         };
         let answer = if body_size > limit {
-            Err(AnswerError::TooLarge { len: body_size, limit })
+            Err(AnswerError::TooLarge {
+                len: body_size,
+                limit,
+            })
         } else {
-            let body = status.is_some_and(|s| s == 200).then(|| host.call_response_body(body_size));
+            let body = status
+                .is_some_and(|s| s == 200)
+                .then(|| host.call_response_body(body_size));
             check_answer(status, body.flatten(), job.header.format, job.to, limit)
         };
         match answer {
@@ -742,7 +754,12 @@ impl RequestFilter {
 
     /// Once no call is out: every image the service did not shrink is
     /// shrunk here, then the request goes on as an in-filter one would.
-    fn after_transcode_event(&mut self, host: &mut dyn HttpHost, svc: &dyn Services, resume: bool) -> Verdict {
+    fn after_transcode_event(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        resume: bool,
+    ) -> Verdict {
         match &self.state {
             State::Transcoding(req) if req.pending.is_empty() => {}
             State::Transcoding(_) => return Verdict::Pause,
@@ -761,8 +778,15 @@ impl RequestFilter {
             if slot.is_some() {
                 continue;
             }
-            let why = req.failed.iter().find(|f| f.0 == i).map_or("no answer", |f| f.1.as_str());
-            log::warn!("vlm-budget: offload of image {} failed ({why}); shrinking it here", job.index);
+            let why = req
+                .failed
+                .iter()
+                .find(|f| f.0 == i)
+                .map_or("no answer", |f| f.1.as_str());
+            log::warn!(
+                "vlm-budget: offload of image {} failed ({why}); shrinking it here",
+                job.index
+            );
             let started = host.now_micros();
             match job.transcode(&job.payload, &opts) {
                 Ok(out) => *slot = Some((job.url(&out), host.now_micros().saturating_sub(started))),
@@ -1000,10 +1024,7 @@ fn report_of(o: &Outcome, transcode_us: u64) -> Report {
         (HEADER_AFTER, o.tokens_after().to_string()),
         (HEADER_IMAGES, o.images.len().to_string()),
         (HEADER_RESIZED, o.resized().to_string()),
-        (
-            HEADER_TRANSCODE,
-            format!("{:.1}", transcode_us as f64 / 1000.0),
-        ),
+        (HEADER_TRANSCODE, format!("{:.1}", transcode_us as f64 / 1000.0)),
     ];
     if let Some(reason) = o.reason {
         headers.push((HEADER_REASON, reason.to_string()));
@@ -1024,6 +1045,9 @@ mod tests {
     use std::cell::RefCell;
     use std::collections::HashMap;
 
+    /// A transcode call as sent: (token, headers, body).
+    type TranscodeSent = (u32, Vec<(String, String)>, Vec<u8>);
+
     #[derive(Default)]
     struct FakeHost {
         req_headers: HashMap<String, String>,
@@ -1040,7 +1064,7 @@ mod tests {
         /// The clock, µs (advanced by the tests).
         now: Cell<u64>,
         /// (token, headers, body) of each transcode call.
-        transcodes: Vec<(u32, Vec<(String, String)>, Vec<u8>)>,
+        transcodes: Vec<TranscodeSent>,
         refuse_transcode: bool,
         /// The body of the call answer being delivered.
         call_answer: Vec<u8>,
@@ -1111,8 +1135,11 @@ mod tests {
                 return Err("BadArgument".into());
             }
             let token = 500 + self.transcodes.len() as u32;
-            let mut headers: Vec<(String, String)> =
-                call.headers.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            let mut headers: Vec<(String, String)> = call
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
             headers.push(("content-type".into(), call.content_type.into()));
             headers.push((":authority".into(), call.authority.into()));
             headers.push((":path".into(), call.path.into()));
@@ -1850,5 +1877,306 @@ mod tests {
         }
         let after = run(&m);
         assert!(after < idle, "{after}");
+    }
+
+    // ------------------------------------------------ transcode: "offload"
+
+    fn offload(cfg: Config) -> Config {
+        Config {
+            transcode: TranscodeMode::Offload,
+            transcode_cluster: Some("transcode_cluster".into()),
+            static_budget_tokens: 256,
+            ..cfg
+        }
+    }
+
+    /// A PNG (1120x700) and a JPEG (840x560), both over 256 tokens, and a
+    /// remote URL.
+    fn photos_body() -> String {
+        use crate::core::probe::ImageFormat;
+        use crate::core::transcode::{encode, Layout, Pixels};
+        use base64::Engine;
+        let png = encode(
+            &Pixels {
+                width: 1120,
+                height: 700,
+                layout: Layout::Rgb8,
+                data: (0..1120 * 700 * 3).map(|i| (i % 253) as u8).collect(),
+            },
+            ImageFormat::Png,
+            90,
+        )
+        .unwrap_or_default();
+        format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{}"}}}},{{"type":"text","text":"and"}},{{"type":"image_url","image_url":"{}"}},{{"type":"image_url","image_url":"https://x/c.png"}}]}}],"n":1.50}}"#,
+            base64::engine::general_purpose::STANDARD.encode(png),
+            jpeg_data_url(840, 560)
+        )
+    }
+
+    /// The body the in-filter path sends for `body` under `cfg`.
+    fn in_filter_body(cfg: &Config, body: &str) -> Vec<u8> {
+        let cfg = Config {
+            transcode: TranscodeMode::InFilter,
+            encode_cluster: None,
+            ..cfg.clone()
+        };
+        let (_, h, _, v) = start(cfg, body, false);
+        assert_eq!(v, Verdict::Continue);
+        h.body
+    }
+
+    /// What the service answers for transcode call `n`: the filter's own
+    /// transcode of the bytes it was sent, to the size it asked for.
+    fn service_answer(h: &FakeHost, n: usize) -> Vec<u8> {
+        use crate::core::offload::{Target, TARGET_HEIGHT};
+        use crate::core::probe::probe;
+        let (_, headers, bytes) = &h.transcodes[n];
+        let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let target = Target::from_headers(get).expect("target headers");
+        assert!(get(TARGET_HEIGHT).is_some());
+        let header = probe(bytes.as_slice()).expect("an image was sent");
+        assert_eq!(get("content-type"), Some(header.format.mime()));
+        assert_eq!(get(":path"), Some(offload::PATH));
+        let opts = crate::core::transcode::TranscodeOptions {
+            jpeg_quality: target.jpeg_quality,
+            filter: target.filter,
+            max_pixels: 40_000_000,
+        };
+        crate::core::transcode::transcode(bytes, &header, target.to, &opts).expect("transcode")
+    }
+
+    fn answer_call(
+        f: &mut RequestFilter,
+        h: &mut FakeHost,
+        m: &FakeMetrics,
+        n: usize,
+        status: Option<u32>,
+        body: Vec<u8>,
+    ) -> Verdict {
+        let token = h.transcodes[n].0;
+        h.call_answer = body;
+        let size = h.call_answer.len();
+        f.on_transcode_response(h, m, token, status, size)
+    }
+
+    #[test]
+    fn offloaded_images_are_spliced_exactly_as_in_filter_ones() {
+        let cfg = offload(Config::default());
+        let body = photos_body();
+        let (mut f, mut h, m, v) = start(cfg.clone(), &body, false);
+        assert_eq!(v, Verdict::Pause, "waits for the service");
+        assert!(f.transcoding());
+        assert_eq!(h.transcodes.len(), 2, "one call per image over budget");
+        assert!(h.body == body.as_bytes(), "nothing replaced yet");
+        let answers: Vec<Vec<u8>> = (0..2).map(|n| service_answer(&h, n)).collect();
+        // Answers in any order; the one left keeps the request waiting.
+        h.now.set(250_000);
+        assert_eq!(
+            answer_call(&mut f, &mut h, &m, 1, Some(200), answers[1].clone()),
+            Verdict::Pause
+        );
+        assert_eq!(h.resumed, 0);
+        // A stray token changes nothing.
+        f.on_transcode_response(&mut h, &m, 9, Some(200), 0);
+        assert!(f.transcoding() && h.resumed == 0);
+        assert_eq!(
+            answer_call(&mut f, &mut h, &m, 0, Some(200), answers[0].clone()),
+            Verdict::Continue
+        );
+        assert_eq!(h.resumed, 1);
+        assert!(!f.transcoding());
+        assert_eq!(
+            h.body,
+            in_filter_body(&cfg, &body),
+            "the same bytes as in the filter"
+        );
+        f.on_response_headers(&mut h, &m);
+        let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
+        assert_eq!(hv[HEADER_OFFLOAD], "offload");
+        assert_eq!(hv[HEADER_RESIZED], "2");
+        assert_eq!(hv[HEADER_TRANSCODE], "250.0", "the round trip");
+        let c = m.counts.borrow();
+        assert_eq!(c[Counter::TranscodeOffloads.name()], 2);
+        assert!(!c.contains_key(Counter::TranscodeFallbacks.name()));
+        // The dynamic model's speed is the round trip's: 250 ms over the
+        // images' input megapixels.
+        let mpixels = (1120.0 * 700.0 + 840.0 * 560.0) / 1e6;
+        let s = m.state();
+        assert_eq!(s.transcode_samples, 1);
+        assert!((s.transcode_ms_per_mpixel - 250.0 / mpixels).abs() < 1e-9);
+    }
+
+    #[test]
+    fn failed_or_wrong_answers_fall_back_to_the_filter() {
+        let cfg = offload(Config::default());
+        let body = photos_body();
+        let expected = in_filter_body(&cfg, &body);
+        let png_answer = |h: &FakeHost| service_answer(h, 0);
+        type Answer = Box<dyn Fn(&FakeHost) -> (Option<u32>, Vec<u8>)>;
+        let cases: Vec<(&str, Answer)> = vec![
+            (
+                "down",
+                Box::new(|_| (Some(503), b"upstream connect error".to_vec())),
+            ),
+            ("timeout", Box::new(|_| (Some(504), Vec::new()))),
+            ("no answer", Box::new(|_| (None, Vec::new()))),
+            ("refused", Box::new(|_| (Some(400), b"{\"error\":{}}".to_vec()))),
+            (
+                "not an image",
+                Box::new(|_| (Some(200), b"{\"error\":{}}".to_vec())),
+            ),
+            ("the other image", Box::new(|h| (Some(200), service_answer(h, 1)))),
+            (
+                "truncated",
+                Box::new(move |h| (Some(200), png_answer(h)[..20].to_vec())),
+            ),
+        ];
+        for (name, answer) in cases {
+            let (mut f, mut h, m, _) = start(cfg.clone(), &body, false);
+            let good = service_answer(&h, 1);
+            assert_eq!(
+                answer_call(&mut f, &mut h, &m, 1, Some(200), good),
+                Verdict::Pause
+            );
+            let (status, bytes) = answer(&h);
+            assert_eq!(
+                answer_call(&mut f, &mut h, &m, 0, status, bytes),
+                Verdict::Continue,
+                "{name}"
+            );
+            assert_eq!(h.resumed, 1, "{name}");
+            assert!(h.body == expected, "{name}");
+            f.on_response_headers(&mut h, &m);
+            assert!(
+                h.resp_headers
+                    .contains(&(HEADER_OFFLOAD.into(), "fallback".into())),
+                "{name}"
+            );
+            let c = m.counts.borrow();
+            assert_eq!(
+                (
+                    c[Counter::TranscodeOffloads.name()],
+                    c[Counter::TranscodeFallbacks.name()]
+                ),
+                (1, 1),
+                "{name}"
+            );
+        }
+        // An answer over the body limit is not read.
+        let small = Config {
+            max_body_bytes: body.len() as u64 + 10,
+            ..cfg.clone()
+        };
+        let (mut f, mut h, m, _) = start(small.clone(), &body, false);
+        let token = h.transcodes[0].0;
+        f.on_transcode_response(&mut h, &m, token, Some(200), body.len() + 11);
+        let good = service_answer(&h, 1);
+        assert_eq!(
+            answer_call(&mut f, &mut h, &m, 1, Some(200), good),
+            Verdict::Continue
+        );
+        assert!(h.body == in_filter_body(&small, &body));
+    }
+
+    #[test]
+    fn a_refused_dispatch_is_shrunk_here_at_once() {
+        let cfg = offload(Config::default());
+        let body = photos_body();
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", &body);
+        h.refuse_transcode = true;
+        let mut f = filter(cfg.clone());
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Continue);
+        assert_eq!(h.resumed, 0, "never paused, so nothing to resume");
+        assert!(h.body == in_filter_body(&cfg, &body));
+        assert_eq!(m.counts.borrow()[Counter::TranscodeFallbacks.name()], 2);
+        // Within budget or text only: no call at all, no header.
+        for text in [
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":"https://x/y.png"}]}]}"#,
+        ] {
+            let (mut f, mut h, m, v) = start(cfg.clone(), text, false);
+            assert_eq!((v, h.transcodes.len()), (Verdict::Continue, 0));
+            assert_eq!(h.body, text.as_bytes());
+            f.on_response_headers(&mut h, &m);
+            assert!(!h.resp_headers.iter().any(|(k, _)| k == HEADER_OFFLOAD));
+        }
+    }
+
+    #[test]
+    fn a_corrupt_image_gets_the_filters_error_after_the_service_refuses_it() {
+        let body = photos_body();
+        // The PNG cut short past its header: the service says 400 and the
+        // filter, trying itself, finds it corrupt.
+        let start_png = body.find("base64,").unwrap_or(0) + 7;
+        let cut = format!("{}\"}}}}]}}]}}", &body[..start_png + 4000]);
+        for fail_open in [false, true] {
+            let cfg = offload(Config {
+                fail_open,
+                ..Config::default()
+            });
+            let (mut f, mut h, m, v) = start(cfg, &cut, false);
+            assert_eq!((v, h.transcodes.len()), (Verdict::Pause, 1));
+            let v = answer_call(&mut f, &mut h, &m, 0, Some(400), b"{}".to_vec());
+            if fail_open {
+                assert_eq!((v, h.resumed), (Verdict::Continue, 1));
+                assert!(h.reply.is_none());
+                assert!(h.body == cut.as_bytes(), "forwarded unchanged");
+            } else {
+                assert_eq!((v, h.resumed), (Verdict::Pause, 0));
+                let (status, json) = h.reply.clone().expect("reply");
+                let e: serde_json::Value = serde_json::from_slice(&json).expect("json");
+                assert_eq!(
+                    (status, e["error"]["code"].as_str()),
+                    (400, Some("corrupt_image"))
+                );
+            }
+            f.on_done(&m);
+            assert_eq!(m.state().pd_inflight, 0);
+        }
+    }
+
+    #[test]
+    fn offload_then_encode_then_pd_and_an_abort_leaks_nothing() {
+        use crate::core::encode::EncodeFanout;
+        let cfg = offload(epd(EncodeFailure::Fallback, EncodeFanout::PerRequest));
+        let body = photos_body();
+        let (mut f, mut h, m, _) = start(cfg.clone(), &body, true);
+        assert!(h.calls.is_empty(), "no encode call before the images are shrunk");
+        for n in 0..2 {
+            let a = service_answer(&h, n);
+            answer_call(&mut f, &mut h, &m, n, Some(200), a);
+        }
+        // The encode call carries the images PD gets: the shrunk ones.
+        assert_eq!(h.calls.len(), 1);
+        assert!(h.body == in_filter_body(&cfg, &body));
+        let sent = String::from_utf8_lossy(&h.body).to_string();
+        let encoded = String::from_utf8_lossy(&h.calls[0].3).to_string();
+        let urls = |b: &str| -> Vec<String> {
+            b.split("\"data:")
+                .skip(1)
+                .map(|u| u.split('"').next().unwrap_or_default().to_string())
+                .collect()
+        };
+        assert_eq!(urls(&sent).len(), 2);
+        assert!(urls(&sent) == urls(&encoded), "the same images at encode and PD");
+        assert_eq!(h.resumed, 0, "still waiting for the encoder");
+        assert_eq!(m.state().encode_inflight, 1);
+        assert_eq!(
+            f.on_encode_response(&mut h, &m, 100, Some(200)),
+            Verdict::Continue
+        );
+        assert_eq!(h.resumed, 1);
+        f.on_done(&m);
+        // A client gone while the images are at the service: nothing held,
+        // and a late answer does nothing.
+        let (mut f, mut h, m, _) = start(cfg, &body, true);
+        f.on_done(&m);
+        let a = service_answer(&h, 0);
+        answer_call(&mut f, &mut h, &m, 0, Some(200), a);
+        let s = m.state();
+        assert_eq!((s.encode_inflight, s.pd_inflight, s.pd_pending), (0, 0, 0));
     }
 }

@@ -7,5 +7,5 @@ pub mod host;
 
 pub use flow::{RequestFilter, Shared, Verdict};
 pub use host::{
-    Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestHeaders, Services, TranscodeCall, Traffic,
+    Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestHeaders, Services, Traffic, TranscodeCall,
 };
