@@ -91,6 +91,15 @@ bench-image: wasm venv testdata
 	$(PY) bench/bench_image.py --native target/release/examples/bench_image --reps $(BENCH_REPS) --soak $(BENCH_SOAK) \
 	  --null-wasm target/null-filter/wasm32-wasip1/release/null_filter.wasm
 
+# Head-of-line blocking on one worker (bench/bench_hol.py): text-only latency
+# alone, beside a steady 4K image stream shrunk in the filter, and beside the same
+# stream offloaded to vlm-transcode; writes bench/results/hol.{md,json}.
+HOL_SECONDS ?= 30
+HOL_ARGS    ?=
+.PHONY: bench-hol
+bench-hol: wasm transcoder venv testdata
+	$(PY) bench/bench_hol.py --seconds $(HOL_SECONDS) $(HOL_ARGS)
+
 # Fuzzing (not part of `make test`): each cargo-fuzz target of fuzz/ for
 # FUZZ_SECONDS, one job, on seeds from fuzz/gen_seeds.py. A failing input is
 # left in fuzz/artifacts/<target>/; it belongs in tests/data/fuzz-regressions/.
