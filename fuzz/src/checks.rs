@@ -17,6 +17,8 @@ use vlm_budget::core::config::Config;
 use vlm_budget::core::datauri::{self, ImageUrl};
 use vlm_budget::core::encode::{self as epd, EncodeFanout};
 use vlm_budget::core::json::Doc;
+use vlm_budget::core::offload::{check_answer, Target};
+use vlm_budget::core::pipeline::Job;
 use vlm_budget::core::pipeline::{process, ImageAction, Outcome, RequestContext};
 use vlm_budget::core::policy::{self, PolicyKind};
 use vlm_budget::core::probe::{probe, ImageFormat};
@@ -31,7 +33,7 @@ pub type Check = fn(&[u8]);
 
 /// Every target, by name (the directory names under `fuzz/corpus/` and
 /// `tests/data/fuzz-regressions/`).
-pub const TARGETS: [(&str, Check); 7] = [
+pub const TARGETS: [(&str, Check); 8] = [
     ("request", request),
     ("pipeline", pipeline),
     ("datauri_base64", datauri_base64),
@@ -39,6 +41,7 @@ pub const TARGETS: [(&str, Check); 7] = [
     ("config", config),
     ("prometheus", prometheus),
     ("encode_requests", encode_requests),
+    ("offload_answer", offload_answer),
 ];
 
 // ------------------------------------------------------------- helpers
@@ -638,4 +641,72 @@ pub fn prometheus(data: &[u8]) {
         );
     }
     assert_eq!(sum_of(&text, "vllm:surely_absent_metric_name"), None);
+}
+
+/// `transcode: "offload"`: the filter's reading of a transcode answer and of
+/// target headers. Input: status selector, format, target width and height
+/// (u16 each), then the answer's body (also read as `name: value` lines).
+///
+/// An answer is used only when it is a 200 whose body is an image of the
+/// asked format and size, and then byte for byte; the new URL the filter
+/// splices in is a JSON string holding exactly those bytes. Any header
+/// values give a target or an error, and a target round-trips through its
+/// headers.
+pub fn offload_answer(data: &[u8]) {
+    let [sel, fmt, w0, w1, h0, h1, body @ ..] = data else {
+        return;
+    };
+    let status = match sel % 4 {
+        0 => None,
+        1 | 2 => Some(200),
+        _ => Some(100 + u32::from(*sel)),
+    };
+    let format = if fmt % 2 == 0 {
+        ImageFormat::Png
+    } else {
+        ImageFormat::Jpeg
+    };
+    let to = Dims::new(
+        u32::from(u16::from_le_bytes([*w0, *w1])),
+        u32::from(u16::from_le_bytes([*h0, *h1])),
+    );
+    let limit = 1 << 20;
+    let got = check_answer(status, Some(body.to_vec()), format, to, limit);
+    if let Ok(bytes) = &got {
+        assert_eq!(status, Some(200));
+        assert_eq!(bytes.as_slice(), body, "an answer is used byte for byte");
+        assert!(bytes.len() <= limit);
+        let h = probe(bytes.as_slice()).expect("a used answer is an image");
+        assert_eq!((h.format, h.width, h.height), (format, to.width, to.height));
+        let job = Job {
+            index: 0,
+            span: 0..0,
+            header: h,
+            to,
+            payload: (),
+        };
+        let url = job.url(bytes);
+        let text: String = serde_json::from_slice(&url).expect("the new URL is a JSON string");
+        let b64 = text
+            .strip_prefix(&format!("data:{};base64,", format.mime()))
+            .expect("a data URL of the input's format");
+        assert_eq!(ENCODER.decode(b64).ok().as_deref(), Some(body));
+    } else if status == Some(200) && body.len() <= limit {
+        // Refused only when it is not that image.
+        let ok = probe(body).is_ok_and(|h| (h.format, h.width, h.height) == (format, to.width, to.height));
+        assert!(!ok, "a good answer was refused: {got:?}");
+    }
+    let text = String::from_utf8_lossy(body);
+    let pairs: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim(), v))
+        .collect();
+    let get = |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+    if let Ok(t) = Target::from_headers(get) {
+        assert!(t.to.width >= 1 && t.to.height >= 1 && (1..=100).contains(&t.jpeg_quality));
+        let headers = t.headers();
+        let back = Target::from_headers(|k| headers.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str()));
+        assert_eq!(back, Ok(t));
+    }
 }
