@@ -2,7 +2,7 @@
 //! ran above the model's prediction (`observed - predicted`, ms), and the
 //! margin the dynamic policy plans with.
 //!
-//! The residual has two parts, learned apart:
+//! The margin has three parts, learned apart:
 //! - a **slope per visual token**: an online least-squares line of the
 //!   residual on the tokens the request kept, over a longer memory (costs
 //!   the model leaves out that grow with the image — a server's
@@ -11,7 +11,16 @@
 //! - a time-decayed **histogram** of what is left (`residual - slope ×
 //!   tokens`), whose value at the configured percentile is the rest of the
 //!   margin, so a request keeping `n` tokens plans with
-//!   `max(0, quantile + slope × n)`.
+//!   `max(0, quantile + slope × n + correction)`;
+//! - an **attainment correction**, which closes the loop on the SLO itself:
+//!   every request that missed its SLO raises it by
+//!   `ATTAINMENT_STEP_MS × slo_percentile`, every one within lowers it by
+//!   `ATTAINMENT_STEP_MS × (1 − slo_percentile)`, so it settles where the
+//!   share of misses is the one configured (a stochastic-approximation
+//!   quantile, as in adaptive conformal inference). The residual
+//!   percentile of the last few seconds cannot see a tail that comes in
+//!   bursts, and the share of misses can; the correction fades with the
+//!   slope's memory and stays within bounds, so it cannot wind up.
 //!
 //! Bounded memory (a fixed number of buckets), shared by every worker (the
 //! host keeps the encoded histogram in proxy-wasm shared data and updates it
@@ -28,7 +37,13 @@ pub const WIDTH_MS: f64 = 20.0;
 /// Number of buckets: residuals from -1 s to +5 s (larger count in the last).
 pub const BUCKETS: usize = 300;
 /// Serialised size of a [`ResidualHistogram`].
-pub const HISTOGRAM_BYTES: usize = 24 + 8 * FIT_SUMS + 4 * BUCKETS;
+pub const HISTOGRAM_BYTES: usize = 32 + 8 * FIT_SUMS + 4 * BUCKETS;
+/// Size of the attainment correction's step, ms.
+pub const ATTAINMENT_STEP_MS: f64 = 50.0;
+/// Lowest attainment correction, ms: with no misses it may take back this
+/// much of the learned margin, no more (so a first burst after a calm
+/// spell does not meet a margin wound down).
+pub const MIN_CORRECTION_MS: f64 = -2.0 * ATTAINMENT_STEP_MS;
 /// The slope's memory, in correction windows: what grows with the image is
 /// a property of the backend and changes slowly, and a line needs more
 /// samples than a level.
@@ -56,6 +71,8 @@ pub struct ResidualHistogram {
     pub samples: u64,
     /// The line fit's sums (see [`FIT_SUMS`]).
     pub fit: [f64; FIT_SUMS],
+    /// The attainment correction, ms.
+    pub correction_ms: f64,
     /// Residuals less the slope's part, per bucket.
     pub weights: Vec<f32>,
 }
@@ -67,6 +84,7 @@ impl Default for ResidualHistogram {
             total: 0.0,
             samples: 0,
             fit: [0.0; FIT_SUMS],
+            correction_ms: 0.0,
             weights: vec![0.0; BUCKETS],
         }
     }
@@ -99,8 +117,25 @@ impl ResidualHistogram {
         let g = super::traffic::decay(self.at_us, now_us, window_s * SLOPE_WINDOWS);
         if self.at_us != 0 && g < 1.0 {
             self.fit.iter_mut().for_each(|s| *s *= g);
+            self.correction_ms *= g;
         }
         self.at_us = now_us;
+    }
+
+    /// One request's outcome against its SLO moves the attainment
+    /// correction (see the module's text): up by `step × percentile` for a
+    /// miss, down by `step × (1 − percentile)` for one within, kept within
+    /// [`MIN_CORRECTION_MS`, `max_ms`].
+    pub fn record_outcome(&mut self, missed: bool, percentile: f64, now_us: u64, window_s: f64, max_ms: f64) {
+        self.decay_to(now_us, window_s);
+        let p = percentile.clamp(0.0, 1.0);
+        let step = if missed { p } else { p - 1.0 } * ATTAINMENT_STEP_MS;
+        let next = self.correction_ms + step;
+        self.correction_ms = if next.is_finite() {
+            next.clamp(MIN_CORRECTION_MS, max_ms.max(0.0))
+        } else {
+            0.0
+        };
     }
 
     /// The residual's slope on the visual tokens a request kept, ms per
@@ -180,6 +215,7 @@ impl ResidualHistogram {
         out.extend_from_slice(&self.at_us.to_le_bytes());
         out.extend_from_slice(&self.total.to_le_bytes());
         out.extend_from_slice(&self.samples.to_le_bytes());
+        out.extend_from_slice(&self.correction_ms.to_le_bytes());
         for s in &self.fit {
             out.extend_from_slice(&s.to_le_bytes());
         }
@@ -201,18 +237,20 @@ impl ResidualHistogram {
         let total = f64::from_le_bytes(w8);
         w8.copy_from_slice(&bytes[16..24]);
         let samples = u64::from_le_bytes(w8);
+        w8.copy_from_slice(&bytes[24..32]);
+        let correction_ms = f64::from_le_bytes(w8);
         let mut fit = [0.0; FIT_SUMS];
-        for (s, c) in fit.iter_mut().zip(bytes[24..24 + 8 * FIT_SUMS].chunks_exact(8)) {
+        for (s, c) in fit.iter_mut().zip(bytes[32..32 + 8 * FIT_SUMS].chunks_exact(8)) {
             w8.copy_from_slice(c);
             *s = f64::from_le_bytes(w8);
         }
-        let weights: Vec<f32> = bytes[24 + 8 * FIT_SUMS..]
+        let weights: Vec<f32> = bytes[32 + 8 * FIT_SUMS..]
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        let bad_fit = fit.iter().any(|s| !s.is_finite()) || fit[0] < 0.0 || fit[2] < 0.0;
-        if !total.is_finite() || total < 0.0 || bad_fit || weights.iter().any(|w| !w.is_finite() || *w < 0.0)
-        {
+        let bad =
+            fit.iter().any(|s| !s.is_finite()) || fit[0] < 0.0 || fit[2] < 0.0 || !correction_ms.is_finite();
+        if !total.is_finite() || total < 0.0 || bad || weights.iter().any(|w| !w.is_finite() || *w < 0.0) {
             return Self::default();
         }
         Self {
@@ -220,6 +258,7 @@ impl ResidualHistogram {
             total,
             samples,
             fit,
+            correction_ms,
             weights,
         }
     }
@@ -266,15 +305,16 @@ impl Margin {
 }
 
 impl MarginRule {
-    /// The margin: the residual at the percentile plus the slope, or the
-    /// prior until enough samples exist (a cold start).
+    /// The margin: the residual at the percentile plus the slope and the
+    /// attainment correction, or the prior until enough samples exist (a
+    /// cold start).
     pub fn margin(&self, h: &ResidualHistogram) -> Margin {
         if h.samples < self.min_samples {
-            return Margin::flat(self.prior_ms);
+            return Margin::flat(self.prior_ms + h.correction_ms.max(0.0));
         }
         h.quantile(self.percentile)
             .map_or(Margin::flat(self.prior_ms), |q| Margin {
-                base_ms: q,
+                base_ms: q + h.correction_ms,
                 per_token_ms: h.slope_ms_per_token(),
             })
     }
@@ -423,6 +463,46 @@ mod tests {
     }
 
     #[test]
+    fn the_attainment_correction_settles_where_the_misses_are_the_target_share() {
+        let r = rule();
+        let mut h = ResidualHistogram::default();
+        let mut t = S;
+        for _ in 0..50 {
+            h.record(100.0, 1000, t, r.window_s);
+            t += 200_000;
+        }
+        let before = r.margin(&h).at(1000);
+        // One miss in 20: the correction climbs (+49.5 per miss, -0.5 per
+        // request within).
+        for i in 0..200u64 {
+            h.record_outcome(i % 20 == 0, r.percentile, t, r.window_s, 500.0);
+            t += 200_000;
+        }
+        let raised = h.correction_ms;
+        assert!(raised > 150.0, "{raised}");
+        assert_eq!(r.margin(&h).at(1000), before + raised);
+        // One in 200, under the 1 % aimed at: it comes down again, and with
+        // none at all it stops at its floor.
+        for i in 0..400u64 {
+            h.record_outcome(i % 200 == 0, r.percentile, t, r.window_s, 500.0);
+            t += 200_000;
+        }
+        assert!(h.correction_ms < raised / 2.0, "{}", h.correction_ms);
+        for _ in 0..2000u64 {
+            h.record_outcome(false, r.percentile, t, r.window_s, 500.0);
+            t += 10_000;
+        }
+        assert_eq!(h.correction_ms, MIN_CORRECTION_MS);
+        // Bounded above, and it fades with the slope's memory.
+        for _ in 0..100 {
+            h.record_outcome(true, r.percentile, t, r.window_s, 300.0);
+        }
+        assert_eq!(h.correction_ms, 300.0);
+        h.record_outcome(false, r.percentile, t + 120 * S, r.window_s, 300.0);
+        assert!(h.correction_ms.abs() < 300.0 * 0.2, "{}", h.correction_ms);
+    }
+
+    #[test]
     fn out_of_range_and_bad_values() {
         let mut h = ResidualHistogram::default();
         h.record(f64::NAN, 1000, S, 10.0);
@@ -440,16 +520,18 @@ mod tests {
         let mut h = ResidualHistogram::default();
         h.record(12.0, 1000, 7 * S, 10.0);
         h.record(250.0, 1000, 8 * S, 10.0);
+        h.record_outcome(true, 0.99, 8 * S, 10.0, 500.0);
+        assert!(h.correction_ms > 0.0);
         let bytes = h.encode();
         assert_eq!(bytes.len(), HISTOGRAM_BYTES);
         assert_eq!(ResidualHistogram::decode(&bytes), h);
         assert_eq!(ResidualHistogram::decode(b"short"), ResidualHistogram::default());
         let mut bad = bytes.clone();
-        let w0 = 24 + 8 * FIT_SUMS;
+        let w0 = 32 + 8 * FIT_SUMS;
         bad[w0..w0 + 4].copy_from_slice(&f32::NAN.to_le_bytes());
         assert_eq!(ResidualHistogram::decode(&bad), ResidualHistogram::default());
         let mut bad = bytes.clone();
-        bad[24..32].copy_from_slice(&(-1.0f64).to_le_bytes());
+        bad[32..40].copy_from_slice(&(-1.0f64).to_le_bytes());
         assert_eq!(ResidualHistogram::decode(&bad), ResidualHistogram::default());
     }
 }

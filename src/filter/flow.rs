@@ -676,7 +676,11 @@ impl RequestFilter {
         if let Some(e) = error {
             let window = self.shared.margin.window_s;
             let tokens = watch.timed.tokens;
-            let h = svc.update_residuals(&mut |h| h.record(e, tokens, now, window));
+            let (missed, percentile) = (observed > slo, self.shared.margin.percentile);
+            let h = svc.update_residuals(&mut |h| {
+                h.record(e, tokens, now, window);
+                h.record_outcome(missed, percentile, now, window, slo / 2.0);
+            });
             svc.margin(self.shared.margin.margin(&h));
         }
     }
