@@ -679,7 +679,7 @@ impl RequestFilter {
             let (missed, percentile) = (observed > slo, self.shared.margin.percentile);
             let h = svc.update_residuals(&mut |h| {
                 h.record(e, tokens, now, window);
-                h.record_outcome(missed, percentile, now, window, slo / 2.0);
+                h.record_outcome(missed, percentile, now, window, slo / 4.0);
             });
             svc.margin(self.shared.margin.margin(&h));
         }
