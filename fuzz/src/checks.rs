@@ -24,6 +24,7 @@ use vlm_budget::core::policy::{self, PolicyKind};
 use vlm_budget::core::probe::{probe, ImageFormat};
 use vlm_budget::core::prometheus::{samples, sum_of};
 use vlm_budget::core::request::{may_have_images, scan, splice, ChatRequest, RequestError};
+use vlm_budget::core::residual::Margin;
 use vlm_budget::core::sizing::Dims;
 use vlm_budget::core::traffic::{ClusterSignal, TrafficSnapshot, TrafficState};
 use vlm_budget::core::transcode::{self, Layout, Pixels, ResizeFilter};
@@ -433,7 +434,10 @@ fn traffic(seed: &[u8]) -> TrafficSnapshot {
                     .unwrap_or(0)
                     .wrapping_mul(i as u8 | 1);
             }
-            let margin = f64::from(seed.first().copied().unwrap_or(0)) * 8.0;
+            let margin = Margin {
+                base_ms: f64::from(seed.first().copied().unwrap_or(0)) * 8.0 - 500.0,
+                per_token_ms: f64::from(seed.get(1).copied().unwrap_or(0)) / 500.0,
+            };
             TrafficSnapshot::of(
                 &TrafficState::decode(&record),
                 (None, None),
@@ -553,6 +557,7 @@ pub fn pipeline(data: &[u8]) {
         traffic: &|| seen,
         slo_ms: None,
         elapsed_ms: 0.0,
+        decided: &|ms| assert!(ms.is_finite() && ms >= 0.0, "decided work {ms}"),
     };
     if let Ok(out) = process(body, &cfg, policy.as_ref(), &ctx, &|| 0) {
         check_outcome(body, &cfg, &out);
@@ -599,6 +604,7 @@ pub fn config(data: &[u8]) {
             traffic: &|| seen,
             slo_ms: Some(cfg.slo_for(Some("250"))),
             elapsed_ms: 0.0,
+            decided: &|ms| assert!(ms.is_finite() && ms >= 0.0, "decided work {ms}"),
         };
         if let Ok(out) = process(body, &cfg, policy.as_ref(), &ctx, &|| 0) {
             check_outcome(body, &cfg, &out);

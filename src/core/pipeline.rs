@@ -72,6 +72,10 @@ pub struct RequestContext<'a> {
     pub slo_ms: Option<f64>,
     /// Time since the request arrived, ms.
     pub elapsed_ms: f64,
+    /// Told the predicted encoder work (ms) of a dynamic budget as soon as
+    /// it is decided, before any image is transcoded: requests deciding on
+    /// other workers meanwhile see it in the encoder's backlog.
+    pub decided: &'a dyn Fn(f64),
 }
 
 impl Default for RequestContext<'static> {
@@ -81,6 +85,7 @@ impl Default for RequestContext<'static> {
             traffic: &TrafficSnapshot::idle,
             slo_ms: None,
             elapsed_ms: 0.0,
+            decided: &|_| {},
         }
     }
 }
@@ -341,6 +346,9 @@ fn with_plan<R>(
         mpixels,
         elapsed_ms: ctx.elapsed_ms,
     });
+    if let Some(p) = &budgets.prediction {
+        (ctx.decided)(p.terms.encode);
+    }
     let mut jobs = Vec::new();
     let mut images = Vec::with_capacity(located.len());
     for (index, loc) in located.into_iter().enumerate() {
@@ -558,6 +566,67 @@ mod tests {
             out.tokens_before(),
             rule.tokens(1000, 600).unwrap_or(0) + rule.tokens(200, 200).unwrap_or(0)
         );
+    }
+
+    #[test]
+    fn a_dynamic_budget_is_announced_before_any_transcode() {
+        let cfg = Config {
+            policy: PolicyKind::Dynamic,
+            encode_cluster: Some("encode".into()),
+            ..Config::default()
+        };
+        let policy = from_config(&cfg);
+        // A backlog that forces a resize.
+        let busy = TrafficSnapshot {
+            encode_outstanding_ms: 850.0,
+            ..TrafficSnapshot::idle()
+        };
+        let events = std::cell::RefCell::new(Vec::new());
+        let decided = |ms: f64| events.borrow_mut().push(format!("decided {ms:.1}"));
+        let clock = || {
+            events.borrow_mut().push("clock".to_string());
+            0
+        };
+        let ctx = RequestContext {
+            traffic: &|| busy,
+            slo_ms: None,
+            elapsed_ms: 0.0,
+            decided: &decided,
+        };
+        let b = body(&[data_url(&image(2000, 1500, ImageFormat::Jpeg), "image/jpeg")]);
+        let out = process(b.as_bytes(), &cfg, policy.as_ref(), &ctx, &clock).expect("processed");
+        assert_eq!(out.resized(), 1);
+        let encode = out.prediction.map(|p| p.terms.encode).unwrap_or(f64::NAN);
+        let events = events.into_inner();
+        assert_eq!(
+            events.first(),
+            Some(&format!("decided {encode:.1}")),
+            "{events:?}"
+        );
+        assert_eq!(events.iter().filter(|e| e.starts_with("decided")).count(), 1);
+        assert!(events[1..].iter().all(|e| e == "clock"), "{events:?}");
+        // Policies without a prediction announce nothing.
+        let events = std::cell::RefCell::new(Vec::<f64>::new());
+        let ctx = RequestContext {
+            decided: &|ms| events.borrow_mut().push(ms),
+            ..RequestContext::default()
+        };
+        let fixed = Config {
+            static_budget_tokens: 256,
+            ..Config::default()
+        };
+        let out = process(
+            b.as_bytes(),
+            &fixed,
+            &Static {
+                tokens_per_image: 256,
+            },
+            &ctx,
+            &|| 0,
+        )
+        .expect("processed");
+        assert_eq!(out.resized(), 1);
+        assert!(events.into_inner().is_empty());
     }
 
     #[test]

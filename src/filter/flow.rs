@@ -59,7 +59,7 @@ impl Shared {
             .pd_metrics_cluster
             .as_ref()
             .and_then(|_| fresh(svc.pd_cluster()));
-        let margin = self.margin.margin_ms(&svc.residuals());
+        let margin = self.margin.margin(&svc.residuals());
         TrafficSnapshot::of(
             &svc.state(),
             (fresh(svc.cluster()), pd),
@@ -355,14 +355,28 @@ impl RequestFilter {
             t
         };
         let decided_us = host.now_micros();
+        // A dynamic budget's encoder work joins the backlog as soon as it is
+        // decided (held, so every path releases it).
+        let reserved = Cell::new(0i64);
+        let reserve = |work_ms: f64| {
+            if cfg.encode_cluster.is_some() {
+                let us = (work_ms.max(0.0) * 1000.0) as i64;
+                let state = svc.update(&mut |s| s.encode_outstanding_us += us);
+                svc.publish(&state, GaugeSet::ENCODE);
+                reserved.set(us);
+            }
+        };
         let ctx = RequestContext {
             traffic: &traffic,
             slo_ms: self.slo_ms,
             elapsed_ms: decided_us.saturating_sub(self.arrived_us) as f64 / 1000.0,
+            decided: &reserve,
         };
         let clock = || host.now_micros();
         let outcome = if cfg.transcode == TranscodeMode::Offload {
-            match plan(&body, cfg, shared.policy.as_ref(), &ctx) {
+            let planned = plan(&body, cfg, shared.policy.as_ref(), &ctx);
+            self.held.encode_work_us = reserved.get();
+            match planned {
                 Ok(p) if !p.jobs.is_empty() => {
                     let req = Transcoding::new(body, body_size, p, decided_us, seen.get(), host.now_micros());
                     return self.start_transcoding(host, svc, req);
@@ -371,7 +385,9 @@ impl RequestFilter {
                 Err(e) => return self.fail(host, svc, e),
             }
         } else {
-            match process(&body, cfg, shared.policy.as_ref(), &ctx, &clock) {
+            let processed = process(&body, cfg, shared.policy.as_ref(), &ctx, &clock);
+            self.held.encode_work_us = reserved.get();
+            match processed {
                 Ok(outcome) => outcome,
                 Err(e) => return self.fail(host, svc, e),
             }
@@ -504,13 +520,17 @@ impl RequestFilter {
         let bodies = match encode_requests(body, self.shared.config.encode_fanout) {
             Ok(b) if !b.is_empty() => b,
             // The body was just parsed, so this cannot fail; forward as is.
-            _ => return self.forward(host, svc, report, Some(timed)),
+            _ => {
+                self.release_encode_work(svc);
+                return self.forward(host, svc, report, Some(timed));
+            }
         };
         let params = &self.shared.params;
         let work_ms = traffic.calibration * params.encode.predict(timed.tokens as f64);
         let work_us = (work_ms * 1000.0) as i64;
-        self.held.encode_work_us = work_us;
-        let state = svc.update(&mut |s| s.encode_outstanding_us += work_us);
+        // What the decision reserved becomes the work of the tokens kept.
+        let delta = work_us - std::mem::replace(&mut self.held.encode_work_us, work_us);
+        let state = svc.update(&mut |s| s.encode_outstanding_us += delta);
         svc.publish(&state, GaugeSet::ENCODE);
         let mut enc = Encoding {
             report,
@@ -527,6 +547,15 @@ impl RequestFilter {
         }
         self.state = State::Encoding(enc);
         self.after_encode_event(host, svc, false)
+    }
+
+    /// Gives back the encoder work this request holds in the backlog.
+    fn release_encode_work(&mut self, svc: &dyn Services) {
+        let work = std::mem::take(&mut self.held.encode_work_us);
+        if work != 0 {
+            let state = svc.update(&mut |s| s.encode_outstanding_us -= work);
+            svc.publish(&state, GaugeSet::ENCODE);
+        }
     }
 
     /// Dispatches body `index` (attempt `attempt`); a dispatch the host
@@ -906,8 +935,13 @@ impl RequestFilter {
         self.release_pending(svc, learn);
         if let Some(e) = error {
             let window = self.shared.margin.window_s;
-            let h = svc.update_residuals(&mut |h| h.record(e, now, window));
-            svc.margin_ms(self.shared.margin.margin_ms(&h));
+            let tokens = watch.timed.tokens;
+            let (missed, percentile) = (observed > slo, self.shared.margin.percentile);
+            let h = svc.update_residuals(&mut |h| {
+                h.record(e, tokens, now, window);
+                h.record_outcome(missed, percentile, now, window, slo / 4.0);
+            });
+            svc.margin(self.shared.margin.margin(&h));
         }
     }
 
@@ -1040,7 +1074,7 @@ fn report_of(o: &Outcome, transcode_us: u64) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::residual::ResidualHistogram;
+    use crate::core::residual::{Margin, ResidualHistogram};
     use crate::filter::host::{Metrics, RequestHeaders, Traffic};
     use std::cell::RefCell;
     use std::collections::HashMap;
@@ -1214,7 +1248,7 @@ mod tests {
         fn ttft_ms(&self, observed_ms: f64, error_ms: Option<f64>) {
             self.ttfts.borrow_mut().push((observed_ms, error_ms));
         }
-        fn margin_ms(&self, _ms: f64) {}
+        fn margin(&self, _m: Margin) {}
     }
 
     fn host(method: &str, path: &str, body: &str) -> FakeHost {
@@ -1612,6 +1646,12 @@ mod tests {
             };
             let cfg = Config {
                 fail_open: scenario % 4 == 0,
+                // The dynamic policy also holds encoder work from its decision on.
+                policy: if scenario % 8 < 4 {
+                    PolicyKind::Dynamic
+                } else {
+                    PolicyKind::Static
+                },
                 ..epd(failure, fanout)
             };
             let mut h = host("POST", "/v1/chat/completions", body);
@@ -1739,6 +1779,34 @@ mod tests {
     fn feed(f: &mut RequestFilter, h: &mut FakeHost, m: &FakeMetrics, piece: &str, end: bool) {
         h.answer_piece = piece.as_bytes().to_vec();
         assert_eq!(f.on_response_body(h, m, piece.len(), end), Verdict::Continue);
+    }
+
+    #[test]
+    fn the_decided_encoder_work_is_held_once_and_given_back_with_the_answer() {
+        let m = FakeMetrics::default();
+        *m.traffic.borrow_mut() = TrafficState::initial();
+        let body = format!(
+            r#"{{"stream":true,"messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"{}"}}}}]}}]}}"#,
+            jpeg_data_url(640, 480)
+        );
+        let mut h = host("POST", "/v1/chat/completions", &body);
+        let mut f = filter(dynamic_epd());
+        f.on_request_headers(&mut h, &m, false);
+        f.on_request_body(&mut h, &m, body.len(), true);
+        // Held once: the work of the tokens kept, at the factor of a fresh
+        // state (the decision's reservation became it, not added to it).
+        let held = m.state().encode_outstanding_us;
+        f.on_encode_response(&mut h, &m, 100, Some(200));
+        assert_eq!(m.state().encode_outstanding_us, 0);
+        answer(&mut h, "200", "text/event-stream");
+        f.on_response_headers(&mut h, &m);
+        let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
+        let kept: u64 = hv[HEADER_AFTER].parse().unwrap_or(0);
+        let work_us = (f.shared.params.encode.predict(kept as f64) * 1000.0) as i64;
+        assert!(kept > 0 && held > 0, "{kept} {held} {hv:?}");
+        assert_eq!(held, work_us);
+        f.on_done(&m);
+        assert_eq!(m.state().encode_outstanding_us, 0);
     }
 
     #[test]
@@ -1873,7 +1941,7 @@ mod tests {
         for i in 0..20 {
             m.residuals
                 .borrow_mut()
-                .record(900.0, 5_000_000 - 20 + i, cfg.correction_window_s);
+                .record(900.0, 4000, 5_000_000 - 20 + i, cfg.correction_window_s);
         }
         let after = run(&m);
         assert!(after < idle, "{after}");

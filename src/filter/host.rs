@@ -1,6 +1,6 @@
 //! The host calls the state machine needs.
 
-use crate::core::residual::ResidualHistogram;
+use crate::core::residual::{Margin, ResidualHistogram};
 use crate::core::traffic::{ClusterSignal, TrafficState};
 
 /// An HTTP call to the encode cluster.
@@ -202,7 +202,7 @@ pub trait Metrics {
     /// One measured TTFT, and observed minus predicted when predicted.
     fn ttft_ms(&self, observed_ms: f64, error_ms: Option<f64>);
     /// The learned margin now in force.
-    fn margin_ms(&self, ms: f64);
+    fn margin(&self, margin: Margin);
 }
 
 /// The traffic state shared by all workers (proxy-wasm shared data).

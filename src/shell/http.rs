@@ -2,7 +2,7 @@
 
 use super::metrics::HostMetrics;
 use super::{hold, now_micros, shared, warn_err};
-use crate::core::residual::ResidualHistogram;
+use crate::core::residual::{Margin, ResidualHistogram};
 use crate::core::traffic::{ClusterSignal, TrafficState};
 use crate::filter::{
     Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestFilter, RequestHeaders, Services, Shared,
@@ -37,8 +37,8 @@ impl Metrics for VmServices {
     fn ttft_ms(&self, observed_ms: f64, error_ms: Option<f64>) {
         self.metrics.ttft_ms(observed_ms, error_ms);
     }
-    fn margin_ms(&self, ms: f64) {
-        self.metrics.margin_ms(ms);
+    fn margin(&self, margin: Margin) {
+        self.metrics.margin(margin);
     }
 }
 
