@@ -2238,10 +2238,28 @@ mod tests {
         );
         assert_eq!(h.resumed, 1);
         f.on_done(&m);
-        // A client gone while the images are at the service: nothing held,
-        // and a late answer does nothing.
-        let (mut f, mut h, m, _) = start(cfg, &body, true);
+        // A client gone while the images are at the service: what the
+        // dynamic decision reserved is given back, and a late answer does
+        // nothing.
+        let dynamic = Config {
+            policy: PolicyKind::Dynamic,
+            ..cfg
+        };
+        // A backlog at the encoder makes the policy shrink the images.
+        let m = FakeMetrics::default();
+        let backlog = 900_000;
+        m.traffic.borrow_mut().encode_outstanding_us = backlog;
+        let mut h = host("POST", "/v1/chat/completions", &body);
+        let mut f = filter(dynamic);
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Pause);
+        assert!(f.transcoding() && !h.transcodes.is_empty());
+        assert!(
+            m.state().encode_outstanding_us > backlog,
+            "reserved at the decision"
+        );
         f.on_done(&m);
+        assert_eq!(m.state().encode_outstanding_us, backlog);
         let a = service_answer(&h, 0);
         answer_call(&mut f, &mut h, &m, 0, Some(200), a);
         let s = m.state();
