@@ -11,6 +11,7 @@ pub mod json;
 pub mod latency;
 pub mod pipeline;
 pub mod policy;
+pub mod prefill;
 pub mod probe;
 pub mod prometheus;
 pub mod request;

@@ -3,7 +3,7 @@
 use crate::core::residual::ResidualHistogram;
 use crate::core::traffic::{ClusterSignal, TrafficState};
 
-/// An HTTP call to the encode cluster.
+/// An HTTP call to the encode or the prefill cluster.
 #[derive(Debug, Clone, Copy)]
 pub struct EncodeCall<'a> {
     pub cluster: &'a str,
@@ -65,6 +65,9 @@ pub trait HttpHost {
     /// Dispatches an encode call; its answer comes to
     /// `RequestFilter::on_encode_response` with the returned token.
     fn dispatch(&mut self, call: &EncodeCall<'_>) -> Result<u32, String>;
+    /// The body of the answer to a dispatched call, `[0, size)` (only valid
+    /// while that answer is being handled).
+    fn call_response_body(&self, size: usize) -> Option<Vec<u8>>;
     /// Lets a paused request continue upstream.
     fn resume_request(&mut self);
     /// The buffered request body, `[0, size)`.
@@ -105,10 +108,19 @@ pub enum Counter {
     TtftSamples,
     /// Of those, the ones over their SLO.
     SloMisses,
+    /// Prefill calls dispatched (retries included).
+    PrefillCalls,
+    /// Prefill calls retried.
+    PrefillRetries,
+    /// Requests whose prefill call failed after the retries.
+    PrefillFailures,
+    /// Requests sent to decode as plain requests after a prefill failure
+    /// (`fallback`).
+    PrefillFallbacks,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 16] = [
         Counter::Requests,
         Counter::ImagesResized,
         Counter::ImagesPassed,
@@ -121,6 +133,10 @@ impl Counter {
         Counter::EncodeFallbacks,
         Counter::TtftSamples,
         Counter::SloMisses,
+        Counter::PrefillCalls,
+        Counter::PrefillRetries,
+        Counter::PrefillFailures,
+        Counter::PrefillFallbacks,
     ];
 
     /// Stat name (Envoy shows it as `wasmcustom.<name>`).
@@ -138,6 +154,10 @@ impl Counter {
             Self::EncodeFallbacks => "vlm_budget_encode_fallbacks_total",
             Self::TtftSamples => "vlm_budget_ttft_samples_total",
             Self::SloMisses => "vlm_budget_slo_misses_total",
+            Self::PrefillCalls => "vlm_budget_prefill_calls_total",
+            Self::PrefillRetries => "vlm_budget_prefill_retries_total",
+            Self::PrefillFailures => "vlm_budget_prefill_failures_total",
+            Self::PrefillFallbacks => "vlm_budget_prefill_fallbacks_total",
         }
     }
 }

@@ -89,13 +89,13 @@ impl Http {
 }
 
 impl Context for Http {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, _body: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
         let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten()
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
         self.filter
-            .on_encode_response(&mut self.host, self.services.as_ref(), token, status);
+            .on_call_response(&mut self.host, self.services.as_ref(), token, status, body_size);
     }
 
     fn on_done(&mut self) -> bool {
@@ -270,6 +270,13 @@ impl HttpHost for ProxyHost {
             Duration::from_millis(call.timeout_ms),
         )
         .map_err(|e| format!("{e:?}"))
+    }
+    fn call_response_body(&self, size: usize) -> Option<Vec<u8>> {
+        warn_err(
+            "get call response body",
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size),
+        )
+        .flatten()
     }
     fn resume_request(&mut self) {
         warn_err("resume", hostcalls::resume_http_request());
