@@ -135,8 +135,9 @@ struct Encoding {
     started_us: u64,
     /// Predicted duration of the encode phase (queue wait + service), ms.
     predicted_ms: f64,
-    /// What to time the request against once forwarded.
-    timed: Timed,
+    /// What to time the request against once forwarded (none without
+    /// images).
+    timed: Option<Timed>,
     /// The prefill call that follows (prefill/decode split).
     prefill: Option<PrefillPlan>,
 }
@@ -189,6 +190,8 @@ pub const HEADER_PREFILL: &str = "x-vlm-prefill";
 pub const HEADER_PREFILL_MS: &str = "x-vlm-prefill-ms";
 pub const HEADER_PREFILL_CALLS: &str = "x-vlm-prefill-calls";
 pub const HEADER_KV_TRANSFER: &str = "x-vlm-kv-transfer";
+pub const HEADER_AUDIO: &str = "x-vlm-audio-parts";
+pub const HEADER_VIDEO: &str = "x-vlm-video-parts";
 pub const HEADER_PREDICTED_TTFT: &str = "x-vlm-predicted-ttft-ms";
 pub const HEADER_MARGIN: &str = "x-vlm-ttft-margin-ms";
 pub const HEADER_TERMS: &str = "x-vlm-ttft-terms";
@@ -337,7 +340,13 @@ impl RequestFilter {
             Err(e) => return self.fail(host, svc, e),
         };
         if outcome.images.is_empty() {
-            // Text only: nothing to report to the traffic state.
+            // No image: nothing to report to the traffic state. Audio and
+            // video parts still go to the encoder first.
+            record_media(svc, &outcome);
+            if outcome.media.any() && cfg.encode_cluster.is_some() {
+                let idle = TrafficSnapshot::idle();
+                return self.start_encoding(host, svc, &body, report_of(&outcome), &idle, None);
+            }
             let plan = match self.prefill_plan(&body) {
                 Ok(plan) => plan,
                 Err(e) => return self.fail(host, svc, e),
@@ -384,7 +393,7 @@ impl RequestFilter {
             return self.proceed(host, svc, report, Some(timed), plan, false);
         }
         let traffic = seen.get().unwrap_or_else(|| shared.snapshot(svc, decided_us));
-        self.start_encoding(host, svc, &final_body, report, &traffic, timed)
+        self.start_encoding(host, svc, &final_body, report, &traffic, Some(timed))
     }
 
     /// The prefill call for `body` (the body decode gets), when prefill
@@ -668,17 +677,21 @@ impl RequestFilter {
         body: &[u8],
         report: Report,
         traffic: &TrafficSnapshot,
-        timed: Timed,
+        timed: Option<Timed>,
     ) -> Verdict {
         // The body was parsed, so its prefill request cannot fail.
         let prefill = self.prefill_plan(body).unwrap_or_default();
         let bodies = match encode_requests(body, self.shared.config.encode_fanout) {
             Ok(b) if !b.is_empty() => b,
             // The body was just parsed, so this cannot fail; go on as is.
-            _ => return self.proceed(host, svc, report, Some(timed), prefill, false),
+            _ => return self.proceed(host, svc, report, timed, prefill, false),
         };
         let params = &self.shared.params;
-        let work_ms = traffic.calibration * params.encode.predict(timed.tokens as f64);
+        // Only images are predicted (audio and video only: no work counted,
+        // nothing to calibrate).
+        let work_ms = timed.map_or(0.0, |t| {
+            traffic.calibration * params.encode.predict(t.tokens as f64)
+        });
         let work_us = (work_ms * 1000.0) as i64;
         self.held.encode_work_us = work_us;
         let state = svc.update(&mut |s| s.encode_outstanding_us += work_us);
@@ -793,7 +806,7 @@ impl RequestFilter {
         // The encoder has this request's work behind it now.
         let work = std::mem::take(&mut self.held.encode_work_us);
         let cal = &self.shared.config.calibration;
-        let calibrate = cal.enabled && enc.failed.is_empty();
+        let calibrate = cal.enabled && enc.failed.is_empty() && enc.timed.is_some();
         let (alpha, min, max) = (cal.alpha, cal.min_factor, cal.max_factor);
         let observed = elapsed_us as f64 / 1000.0;
         let state = svc.update(&mut |s| {
@@ -820,11 +833,11 @@ impl RequestFilter {
         report.headers.push((HEADER_ENCODE, outcome.to_string()));
         report.headers.push((HEADER_ENCODE_MS, elapsed_ms.to_string()));
         report.headers.push((HEADER_ENCODE_CALLS, enc.calls.to_string()));
-        let timed = Timed {
+        let timed = enc.timed.map(|t| Timed {
             fallback: !enc.failed.is_empty(),
-            ..enc.timed
-        };
-        self.proceed(host, svc, report, Some(timed), enc.prefill, resume)
+            ..t
+        });
+        self.proceed(host, svc, report, timed, enc.prefill, resume)
     }
 
     /// The answer's headers: the report goes on them; a request with images
@@ -1001,6 +1014,7 @@ fn retriable(status: Option<u32>) -> bool {
 }
 
 fn record(svc: &dyn Services, o: &Outcome) {
+    record_media(svc, o);
     let resized = o.resized() as u64;
     let passed = o
         .images
@@ -1016,12 +1030,32 @@ fn record(svc: &dyn Services, o: &Outcome) {
     }
 }
 
+/// Counts the audio and video parts of a request.
+fn record_media(svc: &dyn Services, o: &Outcome) {
+    if o.media.audio > 0 {
+        svc.add(Counter::AudioParts, o.media.audio as u64);
+    }
+    if o.media.video > 0 {
+        svc.add(Counter::VideoParts, o.media.video as u64);
+    }
+}
+
+fn media_headers(o: &Outcome, headers: &mut Vec<(&'static str, String)>) {
+    if o.media.audio > 0 {
+        headers.push((HEADER_AUDIO, o.media.audio.to_string()));
+    }
+    if o.media.video > 0 {
+        headers.push((HEADER_VIDEO, o.media.video.to_string()));
+    }
+}
+
 fn report_of(o: &Outcome) -> Report {
     if o.images.is_empty() {
-        let headers = vec![
+        let mut headers = vec![
             (HEADER_POLICY, o.policy.name().to_string()),
             (HEADER_IMAGES, "0".to_string()),
         ];
+        media_headers(o, &mut headers);
         return Report { headers };
     }
     let mut headers = vec![
@@ -1036,6 +1070,7 @@ fn report_of(o: &Outcome) -> Report {
             format!("{:.1}", o.transcode_micros() as f64 / 1000.0),
         ),
     ];
+    media_headers(o, &mut headers);
     if let Some(reason) = o.reason {
         headers.push((HEADER_REASON, reason.to_string()));
     }
@@ -2134,5 +2169,57 @@ mod tests {
             f.on_done(&m);
             assert_released(&m);
         }
+    }
+
+    const MEDIA: &str = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"listen"},
+        {"type":"input_audio","input_audio":{"data":"UklGRg==","format":"wav"}},
+        {"type":"video_url","video_url":{"url":"data:video/mp4;base64,AAAA"}}]}]}"#;
+
+    #[test]
+    fn audio_and_video_parts_go_to_the_encoder_and_pass_through() {
+        use crate::core::encode::EncodeFanout;
+        let cfg = Config {
+            prefill_cluster: Some("prefill_cluster".into()),
+            ..epd(EncodeFailure::Fallback, EncodeFanout::PerImage)
+        };
+        let (mut f, mut h, m, v) = start(cfg, MEDIA, true);
+        assert_eq!(v, Verdict::Pause, "no image, still the encode path");
+        assert_eq!(h.calls.len(), 2);
+        let parts: Vec<serde_json::Value> = h
+            .calls
+            .iter()
+            .map(|c| {
+                serde_json::from_slice::<serde_json::Value>(&c.3).expect("json")["messages"][0]["content"][0]
+                    .clone()
+            })
+            .collect();
+        assert_eq!(parts[0]["input_audio"]["data"], "UklGRg==");
+        assert_eq!(parts[1]["video_url"]["url"], "data:video/mp4;base64,AAAA");
+        answer_call(&mut f, &mut h, &m, 100, Some(200), "{}");
+        answer_call(&mut f, &mut h, &m, 101, Some(200), "{}");
+        assert_eq!(h.calls.len(), 3, "then the prefill");
+        assert_eq!(h.calls[2].1, "prefill_cluster");
+        answer_call(&mut f, &mut h, &m, 102, Some(200), "{}");
+        assert_eq!((h.resumed, h.body.as_slice()), (1, MEDIA.as_bytes()));
+        f.on_response_headers(&mut h, &m);
+        let hv = headers_of(&h);
+        assert_eq!((hv[HEADER_AUDIO].as_str(), hv[HEADER_VIDEO].as_str()), ("1", "1"));
+        assert_eq!(
+            (hv[HEADER_IMAGES].as_str(), hv[HEADER_ENCODE].as_str()),
+            ("0", "ok")
+        );
+        let c = m.counts.borrow().clone();
+        assert_eq!(
+            (c[Counter::AudioParts.name()], c[Counter::VideoParts.name()]),
+            (1, 1)
+        );
+        f.on_done(&m);
+        assert_released(&m);
+        // Nothing predicted, nothing calibrated.
+        assert_eq!(m.state().calibration_samples, 0);
+        // Without an encoder they are only counted.
+        let (_, h, m, v) = start(Config::default(), MEDIA, true);
+        assert_eq!((v, h.calls.len()), (Verdict::Continue, 0));
+        assert_eq!(m.counts.borrow()[Counter::AudioParts.name()], 1);
     }
 }

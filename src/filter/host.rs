@@ -117,10 +117,14 @@ pub enum Counter {
     /// Requests sent to decode as plain requests after a prefill failure
     /// (`fallback`).
     PrefillFallbacks,
+    /// Audio parts (`audio_url`, `input_audio`) of inspected requests.
+    AudioParts,
+    /// Video parts (`video_url`) of inspected requests.
+    VideoParts,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 16] = [
+    pub const ALL: [Counter; 18] = [
         Counter::Requests,
         Counter::ImagesResized,
         Counter::ImagesPassed,
@@ -137,6 +141,8 @@ impl Counter {
         Counter::PrefillRetries,
         Counter::PrefillFailures,
         Counter::PrefillFallbacks,
+        Counter::AudioParts,
+        Counter::VideoParts,
     ];
 
     /// Stat name (Envoy shows it as `wasmcustom.<name>`).
@@ -158,6 +164,8 @@ impl Counter {
             Self::PrefillRetries => "vlm_budget_prefill_retries_total",
             Self::PrefillFailures => "vlm_budget_prefill_failures_total",
             Self::PrefillFallbacks => "vlm_budget_prefill_fallbacks_total",
+            Self::AudioParts => "vlm_budget_audio_parts_total",
+            Self::VideoParts => "vlm_budget_video_parts_total",
         }
     }
 }
