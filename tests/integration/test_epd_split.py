@@ -225,3 +225,33 @@ def test_prefill_timeout_and_client_abort_leave_no_counters(start_envoy, split_e
     assert status == 200 and headers["x-vlm-prefill"] == "ok"
     for e in (env, env_abort):
         assert e.stats()["wasm.vlm_budget.vm_reload"] == 0
+
+
+def test_audio_and_video_parts_are_primed_at_the_encoder_and_passed_through(start_envoy, recorders):
+    enc, pre, dec = recorders
+    pre.reply = b'{"id":"p","kv_transfer_params":{"transfer_id":"t-9"}}'
+    env = start_envoy({**SPLIT, "encode_fanout": "per_image"}, dec, enc.port, mutate=with_prefill(pre.port))
+    audio = '{"type": "input_audio", "input_audio": {"data": "UklGRiQAAABXQVZF", "format": "wav"}}'
+    audio_url = '{"type":"audio_url","audio_url":{"url":"data:audio/mpeg;base64,SUQz"}}'
+    video = '{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAAIGZ0eXA=", "x": 1e0}}'
+    body = ('{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, '
+            + audio + ", " + audio_url + ", " + video + ']}], "temperature": 0.70}').encode()
+    status, headers, _ = post(env.url, body, headers={"x-request-id": "av"})
+    assert status == 200
+    assert (headers["x-vlm-audio-parts"], headers["x-vlm-video-parts"], headers["x-vlm-images"]) == ("2", "1", "0")
+    assert headers["x-vlm-encode"] == "ok" and headers["x-vlm-encode-calls"] == "3"
+    # Each part alone at the encoder, byte for byte as sent.
+    primed = sorted(r["body"] for r in enc.requests)
+    for part in (audio, audio_url, video):
+        assert sum(part.encode() in b for b in primed) == 1, part
+    (p,), (d,) = pre.requests, dec.requests
+    assert max(r["answered_at"] for r in enc.requests) <= p["at"] and p["answered_at"] <= d["at"]
+    assert d["body"] == body[:-1] + b',"kv_transfer_params":{"transfer_id":"t-9"}}'
+    stats = env.stats()
+    assert (stats["wasmcustom.vlm_budget_audio_parts_total"], stats["wasmcustom.vlm_budget_video_parts_total"]) == (2, 1)
+    # Per request: one call with the whole body.
+    env_whole = start_envoy({**SPLIT, "encode_fanout": "per_request"}, dec, enc.port, mutate=with_prefill(pre.port))
+    enc.requests.clear()
+    status, headers, _ = post(env_whole.url, body)
+    assert status == 200 and len(enc.requests) == 1
+    assert all(part.encode() in enc.requests[0]["body"] for part in (audio, audio_url, video))
