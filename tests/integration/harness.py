@@ -331,12 +331,12 @@ class Emulator:
     (`split=True`: encode, prefill and decode, decode on the PD port)."""
 
     def __init__(self, workdir: pathlib.Path, *args: str, encode_port: int | None = None,
-                 pd_port: int | None = None, split: bool = False):
+                 pd_port: int | None = None, split: bool = False, prefill_port: int | None = None):
         if not EMULATOR.exists():
             raise RuntimeError(f"{EMULATOR} missing: run `make emulator`")
         self.encode_port = encode_port or free_port()
         self.pd_port = pd_port or free_port()
-        self.prefill_port = free_port() if split else None
+        self.prefill_port = (prefill_port or free_port()) if split else None
         self.encode = f"http://127.0.0.1:{self.encode_port}"
         self.pd = f"http://127.0.0.1:{self.pd_port}"
         self.prefill = f"http://127.0.0.1:{self.prefill_port}" if split else None
