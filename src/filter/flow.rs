@@ -101,6 +101,9 @@ struct Timed {
     prediction: Option<Prediction>,
     /// Predicted prefill/decode work of the request (µs).
     pd_work_us: i64,
+    /// Predicted KV hand-off to decode of a prefill/decode split (ms; 0
+    /// without one): on the way to the first token, not prefill work.
+    handoff_ms: f64,
     /// The encode calls failed and PD encodes itself: not what was
     /// predicted, so no sample.
     fallback: bool,
@@ -384,6 +387,7 @@ impl RequestFilter {
             tokens,
             prediction: outcome.prediction,
             pd_work_us: (pd_work_ms * 1000.0) as i64,
+            handoff_ms: shared.params.handoff_ms(tokens as f64 + text_tokens),
             fallback: false,
         };
         let final_body = outcome.body.unwrap_or(body);
@@ -458,7 +462,8 @@ impl RequestFilter {
             timed,
             forwarded_us: host.now_micros(),
             pd_predicted_ms: backlog_ms / f64::from(self.shared.params.pd_replicas.max(1))
-                + work as f64 / 1000.0,
+                + work as f64 / 1000.0
+                + timed.handoff_ms,
         });
     }
 
