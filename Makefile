@@ -8,7 +8,7 @@ WASM     := target/wasm32-wasip1/release/vlm_budget.wasm
 TESTDATA := .cache/testdata/usr/share/backgrounds/rhythm.jpg
 PYTEST   := $(VENV)/bin/pytest -q -p no:cacheprovider
 
-.PHONY: help toolchain wasm emulator venv testdata unit lint integration test demo stack clean
+.PHONY: help toolchain wasm emulator transcoder venv testdata unit lint integration test demo stack clean
 
 help:
 	@echo "make demo   - build the filter and run Envoy + local backends, sending sample requests"
@@ -23,6 +23,10 @@ wasm: toolchain
 # The backend emulator (tools/emulator): encode and PD servers on 127.0.0.1.
 emulator:
 	cargo build --release -p vlm-emulator
+
+# The offload transcode service (tools/transcoder), for transcode: "offload".
+transcoder:
+	cargo build --release -p vlm-transcode
 
 venv: $(VENV)/.stamp
 $(VENV)/.stamp: tests/requirements.txt
@@ -42,7 +46,7 @@ lint: toolchain
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip1 -- -D warnings
 
-integration: wasm emulator venv testdata
+integration: wasm emulator transcoder venv testdata
 	$(PYTEST) tests/integration
 
 test: unit lint integration validate-deploy gpu-test
@@ -87,11 +91,20 @@ bench-image: wasm venv testdata
 	$(PY) bench/bench_image.py --native target/release/examples/bench_image --reps $(BENCH_REPS) --soak $(BENCH_SOAK) \
 	  --null-wasm target/null-filter/wasm32-wasip1/release/null_filter.wasm
 
+# Head-of-line blocking on one worker (bench/bench_hol.py): text-only latency
+# alone, beside a steady 4K image stream shrunk in the filter, and beside the same
+# stream offloaded to vlm-transcode; writes bench/results/hol.{md,json}.
+HOL_SECONDS ?= 30
+HOL_ARGS    ?=
+.PHONY: bench-hol
+bench-hol: wasm transcoder venv testdata
+	$(PY) bench/bench_hol.py --seconds $(HOL_SECONDS) $(HOL_ARGS)
+
 # Fuzzing (not part of `make test`): each cargo-fuzz target of fuzz/ for
 # FUZZ_SECONDS, one job, on seeds from fuzz/gen_seeds.py. A failing input is
 # left in fuzz/artifacts/<target>/; it belongs in tests/data/fuzz-regressions/.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := request encode_requests prefill pipeline datauri_base64 probe_decode config prometheus
+FUZZ_TARGETS := request encode_requests prefill pipeline datauri_base64 probe_decode config prometheus offload_answer
 CARGO_FUZZ   := .cache/tools/bin/cargo-fuzz
 # No leak check: natively jpeg-decoder decodes on worker threads whose
 # thread-locals LeakSanitizer reports (on wasm32 it has no threads).

@@ -176,7 +176,7 @@ def main() -> int:
     chat = bodies(imgs)
     seeds: dict[str, dict[str, bytes]] = {t: {} for t in (
         "request", "encode_requests", "prefill", "pipeline", "probe_decode", "datauri_base64", "config",
-        "prometheus")}
+        "prometheus", "offload_answer")}
     for name, body in chat.items():
         seeds["request"][name] = body
         seeds["encode_requests"][name] = body
@@ -198,6 +198,18 @@ def main() -> int:
     })
     for name, text in PREFILL_ANSWERS.items():
         seeds["prefill"][name] = text.encode()
+    for name, data in imgs.items():
+        # offload_answer: status 200, format, the image's own size, the image.
+        try:
+            img = Image.open(io.BytesIO(data))
+        except OSError:
+            continue
+        fmt = b"\x00" if img.format == "PNG" else b"\x01"
+        size = struct.pack("<HH", img.width, img.height)
+        seeds["offload_answer"]["ok-" + name] = b"\x01" + fmt + size + data
+        seeds["offload_answer"]["503-" + name] = b"\x03" + fmt + size + data
+    seeds["offload_answer"]["headers"] = (b"\x01\x00\x10\x00\x10\x00x-vlm-target-width: 28\nx-vlm-target-height: 56\n"
+                                          b"x-vlm-jpeg-quality: 85\nx-vlm-resize-filter: lanczos3\n")
     for name, text in CONFIGS.items():
         seeds["config"][name] = text.encode()
     for name, text in PROMETHEUS.items():

@@ -84,3 +84,35 @@ fn partial_padding_is_refused() {
     );
     assert!(Base64Payload::new(b"QQ==").is_ok() && Base64Payload::new(b"QQ").is_ok());
 }
+
+/// The `offload_answer` target's property on the answers it must take and
+/// the ones it must refuse (the fuzzer explores around these).
+#[test]
+fn offload_answer_check_runs_on_good_and_bad_answers() {
+    use vlm_budget::core::transcode::{encode, Layout, Pixels};
+    let px = Pixels {
+        width: 56,
+        height: 28,
+        layout: Layout::Rgb8,
+        data: vec![90; 56 * 28 * 3],
+    };
+    for (fmt, format) in [(0u8, ImageFormat::Png), (1, ImageFormat::Jpeg)] {
+        let img = encode(&px, format, 90).expect("encode");
+        for sel in [0u8, 1, 2, 3, 7] {
+            for (w, h) in [(56u16, 28u16), (28, 56), (0, 0)] {
+                let mut input = vec![sel, fmt];
+                input.extend_from_slice(&w.to_le_bytes());
+                input.extend_from_slice(&h.to_le_bytes());
+                input.extend_from_slice(&img);
+                checks::offload_answer(&input);
+                input.truncate(input.len() - img.len() / 2);
+                checks::offload_answer(&input);
+            }
+        }
+    }
+    checks::offload_answer(b"\x01\x00\x10\x00\x10\x00x-vlm-target-width: 28\nx-vlm-target-height: 56\nx-vlm-resize-filter: lanczos3\n");
+    checks::offload_answer(
+        b"\x01\x00\x10\x00\x10\x00x-vlm-target-width: 0\nx-vlm-target-height: 99999999999\n",
+    );
+    checks::offload_answer(b"\x01");
+}

@@ -17,12 +17,15 @@ use vlm_budget::core::config::Config;
 use vlm_budget::core::datauri::{self, ImageUrl};
 use vlm_budget::core::encode::{self as epd, EncodeFanout};
 use vlm_budget::core::json::Doc;
+use vlm_budget::core::offload::{check_answer, Target};
+use vlm_budget::core::pipeline::Job;
 use vlm_budget::core::pipeline::{process, ImageAction, Outcome, RequestContext};
 use vlm_budget::core::policy::{self, PolicyKind};
 use vlm_budget::core::prefill::{answer_kv_params, decode_request, prefill_request, KV_KEY, KV_OPEN};
 use vlm_budget::core::probe::{probe, ImageFormat};
 use vlm_budget::core::prometheus::{samples, sum_of};
 use vlm_budget::core::request::{may_have_images, scan, splice, ChatRequest, RequestError};
+use vlm_budget::core::residual::Margin;
 use vlm_budget::core::sizing::Dims;
 use vlm_budget::core::traffic::{ClusterSignal, TrafficSnapshot, TrafficState};
 use vlm_budget::core::transcode::{self, Layout, Pixels, ResizeFilter};
@@ -32,7 +35,7 @@ pub type Check = fn(&[u8]);
 
 /// Every target, by name (the directory names under `fuzz/corpus/` and
 /// `tests/data/fuzz-regressions/`).
-pub const TARGETS: [(&str, Check); 8] = [
+pub const TARGETS: [(&str, Check); 9] = [
     ("request", request),
     ("pipeline", pipeline),
     ("datauri_base64", datauri_base64),
@@ -41,6 +44,7 @@ pub const TARGETS: [(&str, Check); 8] = [
     ("prometheus", prometheus),
     ("encode_requests", encode_requests),
     ("prefill", prefill),
+    ("offload_answer", offload_answer),
 ];
 
 // ------------------------------------------------------------- helpers
@@ -499,7 +503,10 @@ fn traffic(seed: &[u8]) -> TrafficSnapshot {
                     .unwrap_or(0)
                     .wrapping_mul(i as u8 | 1);
             }
-            let margin = f64::from(seed.first().copied().unwrap_or(0)) * 8.0;
+            let margin = Margin {
+                base_ms: f64::from(seed.first().copied().unwrap_or(0)) * 8.0 - 500.0,
+                per_token_ms: f64::from(seed.get(1).copied().unwrap_or(0)) / 500.0,
+            };
             TrafficSnapshot::of(
                 &TrafficState::decode(&record),
                 (None, None),
@@ -619,6 +626,7 @@ pub fn pipeline(data: &[u8]) {
         traffic: &|| seen,
         slo_ms: None,
         elapsed_ms: 0.0,
+        decided: &|ms| assert!(ms.is_finite() && ms >= 0.0, "decided work {ms}"),
     };
     if let Ok(out) = process(body, &cfg, policy.as_ref(), &ctx, &|| 0) {
         check_outcome(body, &cfg, &out);
@@ -665,6 +673,7 @@ pub fn config(data: &[u8]) {
             traffic: &|| seen,
             slo_ms: Some(cfg.slo_for(Some("250"))),
             elapsed_ms: 0.0,
+            decided: &|ms| assert!(ms.is_finite() && ms >= 0.0, "decided work {ms}"),
         };
         if let Ok(out) = process(body, &cfg, policy.as_ref(), &ctx, &|| 0) {
             check_outcome(body, &cfg, &out);
@@ -707,4 +716,72 @@ pub fn prometheus(data: &[u8]) {
         );
     }
     assert_eq!(sum_of(&text, "vllm:surely_absent_metric_name"), None);
+}
+
+/// `transcode: "offload"`: the filter's reading of a transcode answer and of
+/// target headers. Input: status selector, format, target width and height
+/// (u16 each), then the answer's body (also read as `name: value` lines).
+///
+/// An answer is used only when it is a 200 whose body is an image of the
+/// asked format and size, and then byte for byte; the new URL the filter
+/// splices in is a JSON string holding exactly those bytes. Any header
+/// values give a target or an error, and a target round-trips through its
+/// headers.
+pub fn offload_answer(data: &[u8]) {
+    let [sel, fmt, w0, w1, h0, h1, body @ ..] = data else {
+        return;
+    };
+    let status = match sel % 4 {
+        0 => None,
+        1 | 2 => Some(200),
+        _ => Some(100 + u32::from(*sel)),
+    };
+    let format = if fmt % 2 == 0 {
+        ImageFormat::Png
+    } else {
+        ImageFormat::Jpeg
+    };
+    let to = Dims::new(
+        u32::from(u16::from_le_bytes([*w0, *w1])),
+        u32::from(u16::from_le_bytes([*h0, *h1])),
+    );
+    let limit = 1 << 20;
+    let got = check_answer(status, Some(body.to_vec()), format, to, limit);
+    if let Ok(bytes) = &got {
+        assert_eq!(status, Some(200));
+        assert_eq!(bytes.as_slice(), body, "an answer is used byte for byte");
+        assert!(bytes.len() <= limit);
+        let h = probe(bytes.as_slice()).expect("a used answer is an image");
+        assert_eq!((h.format, h.width, h.height), (format, to.width, to.height));
+        let job = Job {
+            index: 0,
+            span: 0..0,
+            header: h,
+            to,
+            payload: (),
+        };
+        let url = job.url(bytes);
+        let text: String = serde_json::from_slice(&url).expect("the new URL is a JSON string");
+        let b64 = text
+            .strip_prefix(&format!("data:{};base64,", format.mime()))
+            .expect("a data URL of the input's format");
+        assert_eq!(ENCODER.decode(b64).ok().as_deref(), Some(body));
+    } else if status == Some(200) && body.len() <= limit {
+        // Refused only when it is not that image.
+        let ok = probe(body).is_ok_and(|h| (h.format, h.width, h.height) == (format, to.width, to.height));
+        assert!(!ok, "a good answer was refused: {got:?}");
+    }
+    let text = String::from_utf8_lossy(body);
+    let pairs: Vec<(&str, &str)> = text
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim(), v))
+        .collect();
+    let get = |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| *v);
+    if let Ok(t) = Target::from_headers(get) {
+        assert!(t.to.width >= 1 && t.to.height >= 1 && (1..=100).contains(&t.jpeg_quality));
+        let headers = t.headers();
+        let back = Target::from_headers(|k| headers.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str()));
+        assert_eq!(back, Ok(t));
+    }
 }

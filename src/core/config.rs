@@ -5,6 +5,7 @@
 use super::dynamic::DynamicParams;
 use super::encode::{EncodeFailure, EncodeFanout};
 use super::latency::{LatencyModel, H100_ENCODE, H100_PREFILL};
+use super::offload::TranscodeMode;
 use super::policy::PolicyKind;
 use super::prefill::PrefillFailure;
 use super::residual::MarginRule;
@@ -204,6 +205,15 @@ pub struct Config {
     pub pd_metrics_authority: String,
     /// A cluster reading older than this is ignored, ms.
     pub metrics_stale_ms: u64,
+    /// Where images are shrunk: `in_filter` or `offload`.
+    pub transcode: TranscodeMode,
+    /// Envoy cluster of the `vlm-transcode` service (`offload`).
+    pub transcode_cluster: Option<String>,
+    /// `:authority` of offload calls.
+    pub transcode_authority: String,
+    /// Timeout of one offload call; past it the filter shrinks the image
+    /// itself.
+    pub transcode_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -252,6 +262,10 @@ impl Default for Config {
             pd_metrics_cluster: None,
             pd_metrics_authority: "vlm-pd".into(),
             metrics_stale_ms: 5000,
+            transcode: TranscodeMode::InFilter,
+            transcode_cluster: None,
+            transcode_authority: "vlm-transcode".into(),
+            transcode_timeout_ms: 10_000,
         }
     }
 }
@@ -418,6 +432,7 @@ impl Config {
             return Err(bad("encode_retries", "must be 0..=10"));
         }
         self.validate_prefill()?;
+        self.validate_offload()?;
         self.validate_dynamic()?;
         Ok(self)
     }
@@ -444,6 +459,28 @@ impl Config {
         }
         if self.prefill_retries > 10 {
             return Err(bad("prefill_retries", "must be 0..=10"));
+        }
+        Ok(())
+    }
+
+    fn validate_offload(&self) -> Result<(), ConfigError> {
+        match self.transcode_cluster.as_deref() {
+            Some(c) if c.trim().is_empty() => {
+                return Err(bad("transcode_cluster", "must not be empty"));
+            }
+            None if self.transcode == TranscodeMode::Offload => {
+                return Err(bad(
+                    "transcode_cluster",
+                    "is required with transcode: \"offload\"",
+                ));
+            }
+            _ => {}
+        }
+        if self.transcode_authority.is_empty() || self.transcode_authority.contains(char::is_whitespace) {
+            return Err(bad("transcode_authority", "must be a host name"));
+        }
+        if !(1..=600_000).contains(&self.transcode_timeout_ms) {
+            return Err(bad("transcode_timeout_ms", "must be 1..=600000"));
         }
         Ok(())
     }
@@ -693,6 +730,21 @@ mod tests {
         assert_eq!(err(r#"{"encode_cluster":""}"#).field, "encode_cluster");
         assert_eq!(err(r#"{"encode_timeout_ms":0}"#).field, "encode_timeout_ms");
         assert_eq!(err(r#"{"encode_retries":11}"#).field, "encode_retries");
+        assert_eq!(err(r#"{"transcode":"offload"}"#).field, "transcode_cluster");
+        assert_eq!(err(r#"{"transcode":"elsewhere"}"#).field, "transcode");
+        assert_eq!(err(r#"{"transcode_cluster":" "}"#).field, "transcode_cluster");
+        assert_eq!(
+            err(r#"{"transcode":"offload","transcode_cluster":"t","transcode_authority":"a b"}"#).field,
+            "transcode_authority"
+        );
+        assert_eq!(
+            err(r#"{"transcode":"offload","transcode_cluster":"t","transcode_timeout_ms":0}"#).field,
+            "transcode_timeout_ms"
+        );
+        let offload = Config::from_json(br#"{"transcode":"offload","transcode_cluster":"t"}"#);
+        assert!(
+            offload.is_ok_and(|c| c.transcode == TranscodeMode::Offload && c.transcode_timeout_ms == 10_000)
+        );
         assert_eq!(err(r#"{"encode_fanout":"all"}"#).field, "encode_fanout");
         assert_eq!(err(r#"{"encode_failure":"retry"}"#).field, "encode_failure");
         assert_eq!(err(r#"{"encode_path":"v1"}"#).field, "encode_path");

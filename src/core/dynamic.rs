@@ -253,9 +253,8 @@ impl DynamicParams {
         let cal = if t.calibration > 0.0 { t.calibration } else { 1.0 };
         let original = d.original_tokens;
         let floor = (self.min_tokens_per_image.saturating_mul(d.images)).min(original);
-        let margin = t.margin_ms.max(0.0);
-        let target = d.slo_ms * self.slo_headroom - margin;
-        let fits = |n: u64| self.terms(d, n, t).total() <= target;
+        let target = d.slo_ms * self.slo_headroom;
+        let fits = |n: u64| self.terms(d, n, t).total() + t.margin.at(n) <= target;
         let slo_n = largest(floor, original, fits);
         let capacity_ms = self.max_utilisation * self.replicas() * 1000.0;
         let stable = |n: u64| {
@@ -276,7 +275,7 @@ impl DynamicParams {
             total,
             reason,
             terms: self.terms(d, total, t),
-            margin_ms: margin,
+            margin_ms: t.margin.at(total),
         }
     }
 }
@@ -324,6 +323,7 @@ pub fn water_fill(tokens: &[u64], total: u64) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::super::latency::{H100_ENCODE, H100_PREFILL};
+    use super::super::residual::Margin;
     use super::super::traffic::ClusterSignal;
     use super::*;
 
@@ -476,7 +476,7 @@ mod tests {
         let with_margin = p.solve(
             &demand(11_782, 1),
             &TrafficSnapshot {
-                margin_ms: 150.0,
+                margin: Margin::flat(150.0),
                 ..t
             },
         );
@@ -492,6 +492,36 @@ mod tests {
         );
         assert_eq!(late.total, with_margin.total, "elapsed time counts like margin");
         assert_eq!(late.terms.elapsed, 150.0);
+    }
+
+    #[test]
+    fn a_margin_that_grows_with_the_tokens_shrinks_large_images_more() {
+        let p = params();
+        let t = TrafficSnapshot {
+            encode_outstanding_ms: 200.0,
+            ..TrafficSnapshot::idle()
+        };
+        let flat = p.solve(
+            &demand(11_782, 1),
+            &TrafficSnapshot {
+                margin: Margin::flat(150.0),
+                ..t
+            },
+        );
+        let sloped = Margin {
+            base_ms: 50.0,
+            per_token_ms: 0.03,
+        };
+        let d = p.solve(&demand(11_782, 1), &TrafficSnapshot { margin: sloped, ..t });
+        assert!(d.total < flat.total, "{} vs {}", d.total, flat.total);
+        assert_eq!(d.margin_ms, sloped.at(d.total));
+        assert!(d.terms.total() + d.margin_ms <= 900.0 + 1e-9);
+        assert!(p.terms(&demand(11_782, 1), d.total + 1, &t).total() + sloped.at(d.total + 1) > 900.0);
+        // A small image plans with less margin than the flat one and keeps
+        // everything.
+        let small = p.solve(&demand(1_000, 1), &TrafficSnapshot { margin: sloped, ..t });
+        assert_eq!((small.total, small.reason), (1_000, Reason::Unconstrained));
+        assert!(small.margin_ms < 150.0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod error;
 pub mod exif;
 pub mod json;
 pub mod latency;
+pub mod offload;
 pub mod pipeline;
 pub mod policy;
 pub mod prefill;

@@ -14,7 +14,7 @@ use super::probe::{probe, ImageFormat, ImageHeader, ProbeError};
 use super::request::{may_have_images, scan, splice, MediaCount, RequestError};
 use super::sizing::Dims;
 use super::traffic::TrafficSnapshot;
-use super::transcode::{transcode, TranscodeError};
+use super::transcode::{transcode, TranscodeError, TranscodeOptions};
 use std::ops::Range;
 
 /// What happened to one image.
@@ -74,6 +74,10 @@ pub struct RequestContext<'a> {
     pub slo_ms: Option<f64>,
     /// Time since the request arrived, ms.
     pub elapsed_ms: f64,
+    /// Told the predicted encoder work (ms) of a dynamic budget as soon as
+    /// it is decided, before any image is transcoded: requests deciding on
+    /// other workers meanwhile see it in the encoder's backlog.
+    pub decided: &'a dyn Fn(f64),
 }
 
 impl Default for RequestContext<'static> {
@@ -83,6 +87,7 @@ impl Default for RequestContext<'static> {
             traffic: &TrafficSnapshot::idle,
             slo_ms: None,
             elapsed_ms: 0.0,
+            decided: &|_| {},
         }
     }
 }
@@ -151,6 +156,100 @@ fn image_err(index: usize, kind: ImageErrorKind, detail: impl ToString) -> Filte
     }
 }
 
+/// An image the policy shrinks, and to what size.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Job<P> {
+    /// Document index of the image (0-based).
+    pub index: usize,
+    /// Byte span of its URL string (quotes included) in the body.
+    pub span: Range<usize>,
+    pub header: ImageHeader,
+    pub to: Dims,
+    /// The image: its base64 payload, or its bytes once decoded.
+    pub payload: P,
+}
+
+impl<P> Job<P> {
+    /// Decodes, resizes and re-encodes `bytes` (this job's image) in place,
+    /// with the request's error for each failure.
+    pub fn transcode(&self, bytes: &[u8], opts: &TranscodeOptions) -> Result<Vec<u8>, FilterError> {
+        transcode(bytes, &self.header, self.to, opts).map_err(|e| match e {
+            TranscodeError::Decode(_) => image_err(self.index, ImageErrorKind::Corrupt, e),
+            _ => image_err(self.index, ImageErrorKind::ProcessingFailed, e),
+        })
+    }
+
+    /// The JSON string (quotes included) that replaces the URL: the
+    /// resized image `out` as a data URL of the input's format.
+    pub fn url(&self, out: &[u8]) -> Vec<u8> {
+        let mut url = Vec::with_capacity(out.len() / 3 * 4 + 40);
+        url.extend_from_slice(b"\"data:");
+        url.extend_from_slice(self.header.format.mime().as_bytes());
+        url.extend_from_slice(b";base64,");
+        encode_into(out, &mut url);
+        url.push(b'"');
+        url
+    }
+}
+
+/// A request located, sized and budgeted, before any image is transcoded:
+/// what [`process`] does next in place, or the filter hands to the offload
+/// service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan<P> {
+    /// The images to shrink, in document order.
+    pub jobs: Vec<Job<P>>,
+    /// The outcome without a body; the jobs' images are reported resized,
+    /// their time not yet known.
+    outcome: Outcome,
+}
+
+impl<'a> Plan<Base64Payload<'a>> {
+    /// The same plan with each image's bytes decoded (owned, so the plan
+    /// can outlive the body it was read from).
+    pub fn decoded(self) -> Result<Plan<Vec<u8>>, FilterError> {
+        let mut jobs = Vec::with_capacity(self.jobs.len());
+        for j in self.jobs {
+            let bytes = j
+                .payload
+                .decode()
+                .map_err(|e| image_err(j.index, ImageErrorKind::InvalidBase64, e))?;
+            jobs.push(Job {
+                index: j.index,
+                span: j.span,
+                header: j.header,
+                to: j.to,
+                payload: bytes,
+            });
+        }
+        Ok(Plan {
+            jobs,
+            outcome: self.outcome,
+        })
+    }
+}
+
+impl<P> Plan<P> {
+    /// Splices the jobs' new URLs (`done[i]`: job i's [`Job::url`] and the
+    /// microseconds it took) into `body`.
+    pub fn finish(self, body: &[u8], done: Vec<(Vec<u8>, u64)>) -> Outcome {
+        let mut outcome = self.outcome;
+        let mut edits = Vec::with_capacity(done.len());
+        for (job, (url, took)) in self.jobs.into_iter().zip(done) {
+            if let Some(ImageReport {
+                action: ImageAction::Resized { micros, .. },
+                ..
+            }) = outcome.images.get_mut(job.index)
+            {
+                *micros = took;
+            }
+            edits.push((job.span, url));
+        }
+        outcome.body = (!edits.is_empty()).then(|| splice(body, &edits));
+        outcome
+    }
+}
+
 /// Processes one chat-completions body. `clock` returns microseconds.
 pub fn process(
     body: &[u8],
@@ -159,6 +258,48 @@ pub fn process(
     ctx: &RequestContext,
     clock: &dyn Fn() -> u64,
 ) -> Result<Outcome, FilterError> {
+    with_plan(body, cfg, policy, ctx, |plan| {
+        let opts = cfg.transcode_options();
+        let mut done = Vec::with_capacity(plan.jobs.len());
+        for job in &plan.jobs {
+            let started = clock();
+            let bytes = job
+                .payload
+                .decode()
+                .map_err(|e| image_err(job.index, ImageErrorKind::InvalidBase64, e))?;
+            let out = job.transcode(&bytes, &opts)?;
+            drop(bytes);
+            let url = job.url(&out);
+            done.push((url, clock().saturating_sub(started)));
+        }
+        Ok(plan.finish(body, done))
+    })
+}
+
+/// Every check of [`process`] but the transcodes: the plan, with each
+/// image to shrink decoded (owned, for the offload service).
+pub fn plan(
+    body: &[u8],
+    cfg: &Config,
+    policy: &dyn BudgetPolicy,
+    ctx: &RequestContext,
+) -> Result<Plan<Vec<u8>>, FilterError> {
+    with_plan(body, cfg, policy, ctx, |p| p.decoded())
+}
+
+/// Parses, locates, sizes and budgets one body, and hands the plan (its
+/// payloads borrowed from the parsed request) to `then`.
+fn with_plan<R>(
+    body: &[u8],
+    cfg: &Config,
+    policy: &dyn BudgetPolicy,
+    ctx: &RequestContext,
+    then: impl FnOnce(Plan<Base64Payload<'_>>) -> Result<R, FilterError>,
+) -> Result<R, FilterError> {
+    let text_only = || Plan {
+        jobs: Vec::new(),
+        outcome: Outcome::text_only(policy.kind()),
+    };
     if body.len() as u64 > cfg.max_body_bytes {
         return Err(FilterError::BodyTooLarge {
             limit: cfg.max_body_bytes,
@@ -166,7 +307,7 @@ pub fn process(
     }
     if !cfg.validate_text_only && !may_have_images(body) {
         // No image part can be in it: forwarded as sent, unparsed.
-        return Ok(Outcome::text_only(policy.kind()));
+        return then(text_only());
     }
     let req = scan(body).map_err(|e| match e {
         RequestError::Json(e) => FilterError::InvalidJson(e),
@@ -182,9 +323,12 @@ pub fn process(
     if req.images.is_empty() {
         // Nothing to size: the policy is not consulted and the body is
         // forwarded as is (audio and video parts still go to the encoder).
-        return Ok(Outcome {
-            media,
-            ..Outcome::text_only(policy.kind())
+        return then(Plan {
+            jobs: Vec::new(),
+            outcome: Outcome {
+                media,
+                ..Outcome::text_only(policy.kind())
+            },
         });
     }
     let rule = cfg.sizing_rule();
@@ -212,8 +356,10 @@ pub fn process(
         mpixels,
         elapsed_ms: ctx.elapsed_ms,
     });
-    let opts = cfg.transcode_options();
-    let mut edits = Vec::new();
+    if let Some(p) = &budgets.prediction {
+        (ctx.decided)(p.terms.encode);
+    }
+    let mut jobs = Vec::new();
     let mut images = Vec::with_capacity(located.len());
     for (index, loc) in located.into_iter().enumerate() {
         let Some((payload, header)) = loc.data else {
@@ -257,44 +403,36 @@ pub fn process(
             });
             continue;
         };
-        let started = clock();
-        let bytes = payload
-            .decode()
-            .map_err(|e| image_err(index, ImageErrorKind::InvalidBase64, e))?;
-        let out = transcode(&bytes, &header, to, &opts).map_err(|e| match e {
-            TranscodeError::Decode(_) => image_err(index, ImageErrorKind::Corrupt, e),
-            _ => image_err(index, ImageErrorKind::ProcessingFailed, e),
-        })?;
-        drop(bytes);
-        let mut url = Vec::with_capacity(out.len() / 3 * 4 + 40);
-        url.extend_from_slice(b"\"data:");
-        url.extend_from_slice(header.format.mime().as_bytes());
-        url.extend_from_slice(b";base64,");
-        encode_into(&out, &mut url);
-        url.push(b'"');
-        edits.push((loc.span, url));
-        let micros = clock().saturating_sub(started);
         images.push(ImageReport {
             action: ImageAction::Resized {
                 format: header.format,
                 from: size,
                 to,
-                micros,
+                micros: 0,
             },
             tokens_before: before,
             tokens_after: rule.tokens_of(to),
         });
+        jobs.push(Job {
+            index,
+            span: loc.span,
+            header,
+            to,
+            payload,
+        });
     }
-    let body = (!edits.is_empty()).then(|| splice(body, &edits));
-    Ok(Outcome {
-        body,
-        images,
-        policy: policy.kind(),
-        budget_tokens: budgets.reported,
-        reason: budgets.reason,
-        prediction: budgets.prediction,
-        text_bytes: req.text_bytes,
-        media,
+    then(Plan {
+        jobs,
+        outcome: Outcome {
+            body: None,
+            images,
+            policy: policy.kind(),
+            budget_tokens: budgets.reported,
+            reason: budgets.reason,
+            prediction: budgets.prediction,
+            text_bytes: req.text_bytes,
+            media,
+        },
     })
 }
 
@@ -439,6 +577,67 @@ mod tests {
             out.tokens_before(),
             rule.tokens(1000, 600).unwrap_or(0) + rule.tokens(200, 200).unwrap_or(0)
         );
+    }
+
+    #[test]
+    fn a_dynamic_budget_is_announced_before_any_transcode() {
+        let cfg = Config {
+            policy: PolicyKind::Dynamic,
+            encode_cluster: Some("encode".into()),
+            ..Config::default()
+        };
+        let policy = from_config(&cfg);
+        // A backlog that forces a resize.
+        let busy = TrafficSnapshot {
+            encode_outstanding_ms: 850.0,
+            ..TrafficSnapshot::idle()
+        };
+        let events = std::cell::RefCell::new(Vec::new());
+        let decided = |ms: f64| events.borrow_mut().push(format!("decided {ms:.1}"));
+        let clock = || {
+            events.borrow_mut().push("clock".to_string());
+            0
+        };
+        let ctx = RequestContext {
+            traffic: &|| busy,
+            slo_ms: None,
+            elapsed_ms: 0.0,
+            decided: &decided,
+        };
+        let b = body(&[data_url(&image(2000, 1500, ImageFormat::Jpeg), "image/jpeg")]);
+        let out = process(b.as_bytes(), &cfg, policy.as_ref(), &ctx, &clock).expect("processed");
+        assert_eq!(out.resized(), 1);
+        let encode = out.prediction.map(|p| p.terms.encode).unwrap_or(f64::NAN);
+        let events = events.into_inner();
+        assert_eq!(
+            events.first(),
+            Some(&format!("decided {encode:.1}")),
+            "{events:?}"
+        );
+        assert_eq!(events.iter().filter(|e| e.starts_with("decided")).count(), 1);
+        assert!(events[1..].iter().all(|e| e == "clock"), "{events:?}");
+        // Policies without a prediction announce nothing.
+        let events = std::cell::RefCell::new(Vec::<f64>::new());
+        let ctx = RequestContext {
+            decided: &|ms| events.borrow_mut().push(ms),
+            ..RequestContext::default()
+        };
+        let fixed = Config {
+            static_budget_tokens: 256,
+            ..Config::default()
+        };
+        let out = process(
+            b.as_bytes(),
+            &fixed,
+            &Static {
+                tokens_per_image: 256,
+            },
+            &ctx,
+            &|| 0,
+        )
+        .expect("processed");
+        assert_eq!(out.resized(), 1);
+        assert!(events.into_inner().is_empty());
     }
 
     #[test]

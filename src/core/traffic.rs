@@ -4,6 +4,8 @@
 //! (one key, updated with compare-and-swap); this module is its pure
 //! state and arithmetic.
 
+use super::residual::Margin;
+
 /// Counters and estimates, as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct TrafficState {
@@ -267,8 +269,8 @@ pub struct TrafficSnapshot {
     /// Measured transcode speed, ms per input megapixel (0: none yet).
     pub transcode_ms_per_mpixel: f64,
     /// The learned TTFT margin (observed above predicted at the target
-    /// percentile), ms.
-    pub margin_ms: f64,
+    /// percentile), by the visual tokens a request keeps.
+    pub margin: Margin,
 }
 
 impl TrafficSnapshot {
@@ -286,7 +288,7 @@ impl TrafficSnapshot {
     pub fn of(
         state: &TrafficState,
         clusters: (Option<ClusterSignal>, Option<ClusterSignal>),
-        margin_ms: f64,
+        margin: Margin,
         now_us: u64,
         window_s: f64,
     ) -> Self {
@@ -305,7 +307,7 @@ impl TrafficSnapshot {
             calibration: state.calibration,
             pd_calibration: state.pd_calibration,
             transcode_ms_per_mpixel: state.transcode_ms_per_mpixel,
-            margin_ms,
+            margin,
         }
     }
 }

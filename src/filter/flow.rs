@@ -7,12 +7,13 @@
 //! prefill/decode sends back; that time, against the dynamic policy's
 //! prediction, is what the policy learns its margin from.
 
-use super::host::{Counter, EncodeCall, GaugeSet, HttpHost, Services};
+use super::host::{Counter, EncodeCall, GaugeSet, HttpHost, Services, TranscodeCall};
 use crate::core::config::Config;
 use crate::core::dynamic::DynamicParams;
 use crate::core::encode::{encode_requests, EncodeFailure};
 use crate::core::error::FilterError;
-use crate::core::pipeline::{process, ImageAction, Outcome, RequestContext};
+use crate::core::offload::{self, check_answer, AnswerError, Target, TranscodeMode};
+use crate::core::pipeline::{plan, process, ImageAction, Outcome, Plan, RequestContext};
 use crate::core::policy::{self, BudgetPolicy, PolicyKind, Prediction};
 use crate::core::prefill::{answer_kv_params, decode_request, prefill_request, PrefillFailure};
 use crate::core::request::RequestError;
@@ -60,7 +61,7 @@ impl Shared {
             .pd_metrics_cluster
             .as_ref()
             .and_then(|_| fresh(svc.pd_cluster()));
-        let margin = self.margin.margin_ms(&svc.residuals());
+        let margin = self.margin.margin(&svc.residuals());
         TrafficSnapshot::of(
             &svc.state(),
             (fresh(svc.cluster()), pd),
@@ -77,6 +78,9 @@ enum State {
     Bypass,
     /// Buffering the body of a request the filter acts on.
     Buffering,
+    /// Images at the transcode service (`transcode: "offload"`); the
+    /// worker serves other streams meanwhile.
+    Transcoding(Box<Transcoding>),
     /// Waiting for the encode cluster before forwarding to PD.
     Encoding(Encoding),
     /// Waiting for the prefill cluster before forwarding to decode.
@@ -166,6 +170,61 @@ struct Prefilling {
     started_us: u64,
 }
 
+/// How a request's images were decided, for the rest of its way.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Processed {
+    /// When the body was decided (µs).
+    decided_us: u64,
+    /// The traffic the policy read, if it did.
+    seen: Option<TrafficSnapshot>,
+    /// Time spent shrinking the images: in the filter, or (offload) from
+    /// the calls' dispatch to the last image in hand.
+    transcode_us: u64,
+    /// `transcode: "offload"`: `offload`, or `fallback` when the filter
+    /// shrank any image itself.
+    offload: Option<&'static str>,
+}
+
+/// Images at the transcode service, one call each.
+#[derive(Debug, Clone, PartialEq)]
+struct Transcoding {
+    body: Vec<u8>,
+    body_size: usize,
+    plan: Plan<Vec<u8>>,
+    /// Each job's new URL and its time, once in hand.
+    done: Vec<Option<(Vec<u8>, u64)>>,
+    /// In-flight calls: (token, job).
+    pending: Vec<(u32, usize)>,
+    /// Why the service did not shrink a job (logged at the fallback).
+    failed: Vec<(usize, String)>,
+    started_us: u64,
+    decided_us: u64,
+    seen: Option<TrafficSnapshot>,
+}
+
+impl Transcoding {
+    fn new(
+        body: Vec<u8>,
+        body_size: usize,
+        plan: Plan<Vec<u8>>,
+        decided_us: u64,
+        seen: Option<TrafficSnapshot>,
+        now_us: u64,
+    ) -> Self {
+        Self {
+            body,
+            body_size,
+            done: vec![None; plan.jobs.len()],
+            plan,
+            pending: Vec::new(),
+            failed: Vec::new(),
+            started_us: now_us,
+            decided_us,
+            seen,
+        }
+    }
+}
+
 /// Traffic counters this request holds, released exactly once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Held {
@@ -186,6 +245,7 @@ pub const HEADER_IMAGES: &str = "x-vlm-images";
 pub const HEADER_RESIZED: &str = "x-vlm-images-resized";
 pub const HEADER_TRANSCODE: &str = "x-vlm-transcode-ms";
 pub const HEADER_FAIL_OPEN: &str = "x-vlm-fail-open";
+pub const HEADER_OFFLOAD: &str = "x-vlm-transcode";
 pub const HEADER_ENCODE: &str = "x-vlm-encode";
 pub const HEADER_ENCODE_MS: &str = "x-vlm-encode-ms";
 pub const HEADER_ENCODE_CALLS: &str = "x-vlm-encode-calls";
@@ -332,42 +392,96 @@ impl RequestFilter {
             t
         };
         let decided_us = host.now_micros();
+        // A dynamic budget's encoder work joins the backlog as soon as it is
+        // decided (held, so every path releases it).
+        let reserved = Cell::new(0i64);
+        let reserve = |work_ms: f64| {
+            if cfg.encode_cluster.is_some() {
+                let us = (work_ms.max(0.0) * 1000.0) as i64;
+                let state = svc.update(&mut |s| s.encode_outstanding_us += us);
+                svc.publish(&state, GaugeSet::ENCODE);
+                reserved.set(us);
+            }
+        };
         let ctx = RequestContext {
             traffic: &traffic,
             slo_ms: self.slo_ms,
             elapsed_ms: decided_us.saturating_sub(self.arrived_us) as f64 / 1000.0,
+            decided: &reserve,
         };
         let clock = || host.now_micros();
-        let outcome = match process(&body, cfg, shared.policy.as_ref(), &ctx, &clock) {
-            Ok(outcome) => outcome,
-            Err(e) => return self.fail(host, svc, e),
+        let outcome = if cfg.transcode == TranscodeMode::Offload {
+            let planned = plan(&body, cfg, shared.policy.as_ref(), &ctx);
+            self.held.encode_work_us = reserved.get();
+            match planned {
+                Ok(p) if !p.jobs.is_empty() => {
+                    let req = Transcoding::new(body, body_size, p, decided_us, seen.get(), host.now_micros());
+                    return self.start_transcoding(host, svc, req);
+                }
+                Ok(p) => p.finish(&body, Vec::new()),
+                Err(e) => return self.fail(host, svc, e),
+            }
+        } else {
+            let processed = process(&body, cfg, shared.policy.as_ref(), &ctx, &clock);
+            self.held.encode_work_us = reserved.get();
+            match processed {
+                Ok(outcome) => outcome,
+                Err(e) => return self.fail(host, svc, e),
+            }
         };
+        let processed = Processed {
+            decided_us,
+            seen: seen.get(),
+            transcode_us: outcome.transcode_micros(),
+            offload: None,
+        };
+        self.after_process(host, svc, body, body_size, outcome, processed)
+    }
+
+    /// The images are decided (and shrunk): the body is replaced, the
+    /// request counted in the traffic state, and sent on to the encoders or
+    /// prefill/decode.
+    fn after_process(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        body: Vec<u8>,
+        body_size: usize,
+        outcome: Outcome,
+        done: Processed,
+    ) -> Verdict {
+        let shared = Rc::clone(&self.shared);
+        let cfg = &shared.config;
+        let decided_us = done.decided_us;
         if outcome.images.is_empty() {
             // No image: nothing to report to the traffic state. Audio and
             // video parts still go to the encoder first.
             record_media(svc, &outcome);
             if outcome.media.any() && cfg.encode_cluster.is_some() {
                 let idle = TrafficSnapshot::idle();
-                return self.start_encoding(host, svc, &body, report_of(&outcome), &idle, None);
+                return self.start_encoding(host, svc, &body, report_of(&outcome, 0), &idle, None);
             }
             let plan = match self.prefill_plan(&body) {
                 Ok(plan) => plan,
                 Err(e) => return self.fail(host, svc, e),
             };
-            return self.proceed(host, svc, report_of(&outcome), None, plan, false);
+            self.release_encode_work(svc);
+            return self.proceed(host, svc, report_of(&outcome, 0), None, plan, false);
         }
         if let Some(new_body) = &outcome.body {
             host.replace_request_body(body_size, new_body);
         }
-        record(svc, &outcome);
-        let report = report_of(&outcome);
+        record(svc, &outcome, done.transcode_us);
+        let mut report = report_of(&outcome, done.transcode_us);
+        if let Some(how) = done.offload {
+            report.headers.push((HEADER_OFFLOAD, how.to_string()));
+        }
         let images = outcome.images.len() as u64;
         let tokens = outcome.tokens_after();
         let window = cfg.rate_window_s;
-        let (transcode_ms, resized_mpixels) = (
-            outcome.transcode_micros() as f64 / 1000.0,
-            outcome.resized_mpixels(),
-        );
+        // In offload mode this is the round trip to the service (and any
+        // fallback): what the dynamic policy's transcode term should predict.
+        let (transcode_ms, resized_mpixels) = (done.transcode_us as f64 / 1000.0, outcome.resized_mpixels());
         let state = svc.update(&mut |s| {
             s.record_arrival(decided_us, images, tokens, window);
             s.record_transcode(transcode_ms, resized_mpixels);
@@ -396,7 +510,7 @@ impl RequestFilter {
             let plan = self.prefill_plan(&final_body).unwrap_or_default();
             return self.proceed(host, svc, report, Some(timed), plan, false);
         }
-        let traffic = seen.get().unwrap_or_else(|| shared.snapshot(svc, decided_us));
+        let traffic = done.seen.unwrap_or_else(|| shared.snapshot(svc, decided_us));
         self.start_encoding(host, svc, &final_body, report, &traffic, Some(timed))
     }
 
@@ -689,7 +803,10 @@ impl RequestFilter {
         let bodies = match encode_requests(body, self.shared.config.encode_fanout) {
             Ok(b) if !b.is_empty() => b,
             // The body was just parsed, so this cannot fail; go on as is.
-            _ => return self.proceed(host, svc, report, timed, prefill, false),
+            _ => {
+                self.release_encode_work(svc);
+                return self.proceed(host, svc, report, timed, prefill, false);
+            }
         };
         let params = &self.shared.params;
         // Only images are predicted (audio and video only: no work counted,
@@ -698,8 +815,9 @@ impl RequestFilter {
             traffic.calibration * params.encode.predict(t.tokens as f64)
         });
         let work_us = (work_ms * 1000.0) as i64;
-        self.held.encode_work_us = work_us;
-        let state = svc.update(&mut |s| s.encode_outstanding_us += work_us);
+        // What the decision reserved becomes the work of the tokens kept.
+        let delta = work_us - std::mem::replace(&mut self.held.encode_work_us, work_us);
+        let state = svc.update(&mut |s| s.encode_outstanding_us += delta);
         svc.publish(&state, GaugeSet::ENCODE);
         let mut enc = Encoding {
             report,
@@ -717,6 +835,15 @@ impl RequestFilter {
         }
         self.state = State::Encoding(enc);
         self.after_encode_event(host, svc, false)
+    }
+
+    /// Gives back the encoder work this request holds in the backlog.
+    fn release_encode_work(&mut self, svc: &dyn Services) {
+        let work = std::mem::take(&mut self.held.encode_work_us);
+        if work != 0 {
+            let state = svc.update(&mut |s| s.encode_outstanding_us -= work);
+            svc.publish(&state, GaugeSet::ENCODE);
+        }
     }
 
     /// Dispatches body `index` (attempt `attempt`); a dispatch the host
@@ -845,6 +972,167 @@ impl RequestFilter {
         self.proceed(host, svc, report, timed, enc.prefill, resume)
     }
 
+    /// Whether the request waits for the transcode service: call answers
+    /// go to [`Self::on_transcode_response`].
+    pub fn transcoding(&self) -> bool {
+        matches!(self.state, State::Transcoding(_))
+    }
+
+    /// Sends each image of the plan to the transcode service; the request
+    /// waits for the answers. A dispatch the host refuses leaves its image
+    /// to the filter.
+    fn start_transcoding(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        mut req: Transcoding,
+    ) -> Verdict {
+        let shared = Rc::clone(&self.shared);
+        let cfg = &shared.config;
+        let opts = cfg.transcode_options();
+        for (i, job) in req.plan.jobs.iter().enumerate() {
+            let Some(cluster) = cfg.transcode_cluster.as_deref() else {
+                req.failed.push((i, "no transcode_cluster".into()));
+                continue;
+            };
+            let target = Target {
+                to: job.to,
+                jpeg_quality: opts.jpeg_quality,
+                filter: opts.filter,
+            };
+            let headers = target.headers();
+            let call = TranscodeCall {
+                cluster,
+                authority: &cfg.transcode_authority,
+                path: offload::PATH,
+                content_type: job.header.format.mime(),
+                headers: &headers,
+                body: &job.payload,
+                timeout_ms: cfg.transcode_timeout_ms,
+            };
+            match host.dispatch_transcode(&call) {
+                Ok(token) => req.pending.push((token, i)),
+                Err(e) => req
+                    .failed
+                    .push((i, format!("dispatch to {cluster} refused: {e}"))),
+            }
+        }
+        self.state = State::Transcoding(Box::new(req));
+        self.after_transcode_event(host, svc, false)
+    }
+
+    /// A transcode call answered (`status`: the HTTP status, `None` when the
+    /// call itself failed; `body_size`: bytes of its body).
+    pub fn on_transcode_response(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        token: u32,
+        status: Option<u32>,
+        body_size: usize,
+    ) -> Verdict {
+        let limit = usize::try_from(self.shared.config.max_body_bytes).unwrap_or(usize::MAX);
+        let State::Transcoding(req) = &mut self.state else {
+            return Verdict::Continue;
+        };
+        let Some(pos) = req.pending.iter().position(|p| p.0 == token) else {
+            return Verdict::Continue;
+        };
+        let (_, i) = req.pending.swap_remove(pos);
+        let Some(job) = req.plan.jobs.get(i) else {
+            return self.after_transcode_event(host, svc, true);
+        };
+        let answer = if body_size > limit {
+            Err(AnswerError::TooLarge {
+                len: body_size,
+                limit,
+            })
+        } else {
+            let body = status
+                .is_some_and(|s| s == 200)
+                .then(|| host.call_response_body(body_size));
+            check_answer(status, body.flatten(), job.header.format, job.to, limit)
+        };
+        match answer {
+            Ok(bytes) => {
+                let took = host.now_micros().saturating_sub(req.started_us);
+                if let Some(slot) = req.done.get_mut(i) {
+                    *slot = Some((job.url(&bytes), took));
+                }
+            }
+            Err(e) => req.failed.push((i, e.to_string())),
+        }
+        self.after_transcode_event(host, svc, true)
+    }
+
+    /// Once no call is out: every image the service did not shrink is
+    /// shrunk here, then the request goes on as an in-filter one would.
+    fn after_transcode_event(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        resume: bool,
+    ) -> Verdict {
+        match &self.state {
+            State::Transcoding(req) if req.pending.is_empty() => {}
+            State::Transcoding(_) => return Verdict::Pause,
+            _ => return Verdict::Continue,
+        }
+        let State::Transcoding(req) = std::mem::replace(&mut self.state, State::Bypass) else {
+            return Verdict::Continue;
+        };
+        let mut req = *req;
+        let opts = self.shared.config.transcode_options();
+        let mut fallbacks = 0;
+        for (i, job) in req.plan.jobs.iter().enumerate() {
+            let Some(slot) = req.done.get_mut(i) else {
+                continue;
+            };
+            if slot.is_some() {
+                continue;
+            }
+            let why = req
+                .failed
+                .iter()
+                .find(|f| f.0 == i)
+                .map_or("no answer", |f| f.1.as_str());
+            log::warn!(
+                "vlm-budget: offload of image {} failed ({why}); shrinking it here",
+                job.index
+            );
+            let started = host.now_micros();
+            match job.transcode(&job.payload, &opts) {
+                Ok(out) => *slot = Some((job.url(&out), host.now_micros().saturating_sub(started))),
+                Err(e) => {
+                    let verdict = self.fail(host, svc, e);
+                    if resume && verdict == Verdict::Continue {
+                        host.resume_request();
+                    }
+                    return verdict;
+                }
+            }
+            fallbacks += 1;
+        }
+        let offloaded = req.plan.jobs.len() as u64 - fallbacks;
+        svc.add(Counter::TranscodeOffloads, offloaded);
+        if fallbacks > 0 {
+            svc.add(Counter::TranscodeFallbacks, fallbacks);
+        }
+        let done = req.done.into_iter().flatten().collect();
+        let processed = Processed {
+            decided_us: req.decided_us,
+            seen: req.seen,
+            transcode_us: host.now_micros().saturating_sub(req.started_us),
+            offload: Some(if fallbacks == 0 { "offload" } else { "fallback" }),
+        };
+        let outcome = req.plan.finish(&req.body, done);
+        let verdict = self.after_process(host, svc, req.body, req.body_size, outcome, processed);
+        if resume && verdict == Verdict::Continue {
+            host.resume_request();
+        }
+        verdict
+    }
+
     /// The answer's headers: the report goes on them; a request with images
     /// is timed to here (non-streamed answer) or to its first streamed
     /// token. An answer that is not 2xx gives no sample.
@@ -931,8 +1219,13 @@ impl RequestFilter {
         self.release_pending(svc, learn);
         if let Some(e) = error {
             let window = self.shared.margin.window_s;
-            let h = svc.update_residuals(&mut |h| h.record(e, now, window));
-            svc.margin_ms(self.shared.margin.margin_ms(&h));
+            let tokens = watch.timed.tokens;
+            let (missed, percentile) = (observed > slo, self.shared.margin.percentile);
+            let h = svc.update_residuals(&mut |h| {
+                h.record(e, tokens, now, window);
+                h.record_outcome(missed, percentile, now, window, slo / 4.0);
+            });
+            svc.margin(self.shared.margin.margin(&h));
         }
     }
 
@@ -1018,7 +1311,7 @@ fn retriable(status: Option<u32>) -> bool {
     status.is_none_or(|s| s >= 500)
 }
 
-fn record(svc: &dyn Services, o: &Outcome) {
+fn record(svc: &dyn Services, o: &Outcome, transcode_us: u64) {
     record_media(svc, o);
     let resized = o.resized() as u64;
     let passed = o
@@ -1031,7 +1324,7 @@ fn record(svc: &dyn Services, o: &Outcome) {
     svc.add(Counter::VisualTokensBefore, o.tokens_before());
     svc.add(Counter::VisualTokensAfter, o.tokens_after());
     if resized > 0 {
-        svc.transcode_ms(o.transcode_micros() / 1000);
+        svc.transcode_ms(transcode_us / 1000);
     }
 }
 
@@ -1054,7 +1347,7 @@ fn media_headers(o: &Outcome, headers: &mut Vec<(&'static str, String)>) {
     }
 }
 
-fn report_of(o: &Outcome) -> Report {
+fn report_of(o: &Outcome, transcode_us: u64) -> Report {
     if o.images.is_empty() {
         let mut headers = vec![
             (HEADER_POLICY, o.policy.name().to_string()),
@@ -1070,10 +1363,7 @@ fn report_of(o: &Outcome) -> Report {
         (HEADER_AFTER, o.tokens_after().to_string()),
         (HEADER_IMAGES, o.images.len().to_string()),
         (HEADER_RESIZED, o.resized().to_string()),
-        (
-            HEADER_TRANSCODE,
-            format!("{:.1}", o.transcode_micros() as f64 / 1000.0),
-        ),
+        (HEADER_TRANSCODE, format!("{:.1}", transcode_us as f64 / 1000.0)),
     ];
     media_headers(o, &mut headers);
     if let Some(reason) = o.reason {
@@ -1090,10 +1380,13 @@ fn report_of(o: &Outcome) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::residual::ResidualHistogram;
+    use crate::core::residual::{Margin, ResidualHistogram};
     use crate::filter::host::{Metrics, RequestHeaders, Traffic};
     use std::cell::RefCell;
     use std::collections::HashMap;
+
+    /// A transcode call as sent: (token, headers, body).
+    type TranscodeSent = (u32, Vec<(String, String)>, Vec<u8>);
 
     #[derive(Default)]
     struct FakeHost {
@@ -1108,10 +1401,13 @@ mod tests {
         /// The answer's headers and the current piece of its body.
         answer_headers: Vec<(String, String)>,
         answer_piece: Vec<u8>,
-        /// The body of the answer to a dispatched call.
-        call_answer: Vec<u8>,
         /// The clock, µs (advanced by the tests).
         now: Cell<u64>,
+        /// (token, headers, body) of each transcode call.
+        transcodes: Vec<TranscodeSent>,
+        refuse_transcode: bool,
+        /// The body of the call answer being delivered.
+        call_answer: Vec<u8>,
     }
 
     impl HttpHost for FakeHost {
@@ -1171,11 +1467,27 @@ mod tests {
             ));
             Ok(token)
         }
-        fn call_response_body(&self, size: usize) -> Option<Vec<u8>> {
-            self.call_answer.get(..size).map(<[u8]>::to_vec)
-        }
         fn resume_request(&mut self) {
             self.resumed += 1;
+        }
+        fn dispatch_transcode(&mut self, call: &TranscodeCall<'_>) -> Result<u32, String> {
+            if self.refuse_transcode {
+                return Err("BadArgument".into());
+            }
+            let token = 500 + self.transcodes.len() as u32;
+            let mut headers: Vec<(String, String)> = call
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect();
+            headers.push(("content-type".into(), call.content_type.into()));
+            headers.push((":authority".into(), call.authority.into()));
+            headers.push((":path".into(), call.path.into()));
+            self.transcodes.push((token, headers, call.body.to_vec()));
+            Ok(token)
+        }
+        fn call_response_body(&self, size: usize) -> Option<Vec<u8>> {
+            self.call_answer.get(..size).map(<[u8]>::to_vec)
         }
     }
 
@@ -1242,7 +1554,7 @@ mod tests {
         fn ttft_ms(&self, observed_ms: f64, error_ms: Option<f64>) {
             self.ttfts.borrow_mut().push((observed_ms, error_ms));
         }
-        fn margin_ms(&self, _ms: f64) {}
+        fn margin(&self, _m: Margin) {}
     }
 
     fn host(method: &str, path: &str, body: &str) -> FakeHost {
@@ -1640,6 +1952,12 @@ mod tests {
             };
             let cfg = Config {
                 fail_open: scenario % 4 == 0,
+                // The dynamic policy also holds encoder work from its decision on.
+                policy: if scenario % 8 < 4 {
+                    PolicyKind::Dynamic
+                } else {
+                    PolicyKind::Static
+                },
                 ..epd(failure, fanout)
             };
             let mut h = host("POST", "/v1/chat/completions", body);
@@ -1767,6 +2085,34 @@ mod tests {
     fn feed(f: &mut RequestFilter, h: &mut FakeHost, m: &FakeMetrics, piece: &str, end: bool) {
         h.answer_piece = piece.as_bytes().to_vec();
         assert_eq!(f.on_response_body(h, m, piece.len(), end), Verdict::Continue);
+    }
+
+    #[test]
+    fn the_decided_encoder_work_is_held_once_and_given_back_with_the_answer() {
+        let m = FakeMetrics::default();
+        *m.traffic.borrow_mut() = TrafficState::initial();
+        let body = format!(
+            r#"{{"stream":true,"messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"{}"}}}}]}}]}}"#,
+            jpeg_data_url(640, 480)
+        );
+        let mut h = host("POST", "/v1/chat/completions", &body);
+        let mut f = filter(dynamic_epd());
+        f.on_request_headers(&mut h, &m, false);
+        f.on_request_body(&mut h, &m, body.len(), true);
+        // Held once: the work of the tokens kept, at the factor of a fresh
+        // state (the decision's reservation became it, not added to it).
+        let held = m.state().encode_outstanding_us;
+        f.on_encode_response(&mut h, &m, 100, Some(200));
+        assert_eq!(m.state().encode_outstanding_us, 0);
+        answer(&mut h, "200", "text/event-stream");
+        f.on_response_headers(&mut h, &m);
+        let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
+        let kept: u64 = hv[HEADER_AFTER].parse().unwrap_or(0);
+        let work_us = (f.shared.params.encode.predict(kept as f64) * 1000.0) as i64;
+        assert!(kept > 0 && held > 0, "{kept} {held} {hv:?}");
+        assert_eq!(held, work_us);
+        f.on_done(&m);
+        assert_eq!(m.state().encode_outstanding_us, 0);
     }
 
     #[test]
@@ -1901,10 +2247,329 @@ mod tests {
         for i in 0..20 {
             m.residuals
                 .borrow_mut()
-                .record(900.0, 5_000_000 - 20 + i, cfg.correction_window_s);
+                .record(900.0, 4000, 5_000_000 - 20 + i, cfg.correction_window_s);
         }
         let after = run(&m);
         assert!(after < idle, "{after}");
+    }
+
+    // ------------------------------------------------ transcode: "offload"
+
+    fn offload(cfg: Config) -> Config {
+        Config {
+            transcode: TranscodeMode::Offload,
+            transcode_cluster: Some("transcode_cluster".into()),
+            static_budget_tokens: 256,
+            ..cfg
+        }
+    }
+
+    /// A PNG (1120x700) and a JPEG (840x560), both over 256 tokens, and a
+    /// remote URL.
+    fn photos_body() -> String {
+        use crate::core::probe::ImageFormat;
+        use crate::core::transcode::{encode, Layout, Pixels};
+        use base64::Engine;
+        let png = encode(
+            &Pixels {
+                width: 1120,
+                height: 700,
+                layout: Layout::Rgb8,
+                data: (0..1120 * 700 * 3).map(|i| (i % 253) as u8).collect(),
+            },
+            ImageFormat::Png,
+            90,
+        )
+        .unwrap_or_default();
+        format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"image_url","image_url":{{"url":"data:image/png;base64,{}"}}}},{{"type":"text","text":"and"}},{{"type":"image_url","image_url":"{}"}},{{"type":"image_url","image_url":"https://x/c.png"}}]}}],"n":1.50}}"#,
+            base64::engine::general_purpose::STANDARD.encode(png),
+            jpeg_data_url(840, 560)
+        )
+    }
+
+    /// The body the in-filter path sends for `body` under `cfg`.
+    fn in_filter_body(cfg: &Config, body: &str) -> Vec<u8> {
+        let cfg = Config {
+            transcode: TranscodeMode::InFilter,
+            encode_cluster: None,
+            ..cfg.clone()
+        };
+        let (_, h, _, v) = start(cfg, body, false);
+        assert_eq!(v, Verdict::Continue);
+        h.body
+    }
+
+    /// What the service answers for transcode call `n`: the filter's own
+    /// transcode of the bytes it was sent, to the size it asked for.
+    fn service_answer(h: &FakeHost, n: usize) -> Vec<u8> {
+        use crate::core::offload::{Target, TARGET_HEIGHT};
+        use crate::core::probe::probe;
+        let (_, headers, bytes) = &h.transcodes[n];
+        let get = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+        let target = Target::from_headers(get).expect("target headers");
+        assert!(get(TARGET_HEIGHT).is_some());
+        let header = probe(bytes.as_slice()).expect("an image was sent");
+        assert_eq!(get("content-type"), Some(header.format.mime()));
+        assert_eq!(get(":path"), Some(offload::PATH));
+        let opts = crate::core::transcode::TranscodeOptions {
+            jpeg_quality: target.jpeg_quality,
+            filter: target.filter,
+            max_pixels: 40_000_000,
+        };
+        crate::core::transcode::transcode(bytes, &header, target.to, &opts).expect("transcode")
+    }
+
+    fn answer_call(
+        f: &mut RequestFilter,
+        h: &mut FakeHost,
+        m: &FakeMetrics,
+        n: usize,
+        status: Option<u32>,
+        body: Vec<u8>,
+    ) -> Verdict {
+        let token = h.transcodes[n].0;
+        h.call_answer = body;
+        let size = h.call_answer.len();
+        f.on_transcode_response(h, m, token, status, size)
+    }
+
+    #[test]
+    fn offloaded_images_are_spliced_exactly_as_in_filter_ones() {
+        let cfg = offload(Config::default());
+        let body = photos_body();
+        let (mut f, mut h, m, v) = start(cfg.clone(), &body, false);
+        assert_eq!(v, Verdict::Pause, "waits for the service");
+        assert!(f.transcoding());
+        assert_eq!(h.transcodes.len(), 2, "one call per image over budget");
+        assert!(h.body == body.as_bytes(), "nothing replaced yet");
+        let answers: Vec<Vec<u8>> = (0..2).map(|n| service_answer(&h, n)).collect();
+        // Answers in any order; the one left keeps the request waiting.
+        h.now.set(250_000);
+        assert_eq!(
+            answer_call(&mut f, &mut h, &m, 1, Some(200), answers[1].clone()),
+            Verdict::Pause
+        );
+        assert_eq!(h.resumed, 0);
+        // A stray token changes nothing.
+        f.on_transcode_response(&mut h, &m, 9, Some(200), 0);
+        assert!(f.transcoding() && h.resumed == 0);
+        assert_eq!(
+            answer_call(&mut f, &mut h, &m, 0, Some(200), answers[0].clone()),
+            Verdict::Continue
+        );
+        assert_eq!(h.resumed, 1);
+        assert!(!f.transcoding());
+        assert_eq!(
+            h.body,
+            in_filter_body(&cfg, &body),
+            "the same bytes as in the filter"
+        );
+        f.on_response_headers(&mut h, &m);
+        let hv: HashMap<_, _> = h.resp_headers.iter().cloned().collect();
+        assert_eq!(hv[HEADER_OFFLOAD], "offload");
+        assert_eq!(hv[HEADER_RESIZED], "2");
+        assert_eq!(hv[HEADER_TRANSCODE], "250.0", "the round trip");
+        let c = m.counts.borrow();
+        assert_eq!(c[Counter::TranscodeOffloads.name()], 2);
+        assert!(!c.contains_key(Counter::TranscodeFallbacks.name()));
+        // The dynamic model's speed is the round trip's: 250 ms over the
+        // images' input megapixels.
+        let mpixels = (1120.0 * 700.0 + 840.0 * 560.0) / 1e6;
+        let s = m.state();
+        assert_eq!(s.transcode_samples, 1);
+        assert!((s.transcode_ms_per_mpixel - 250.0 / mpixels).abs() < 1e-9);
+    }
+
+    #[test]
+    fn failed_or_wrong_answers_fall_back_to_the_filter() {
+        let cfg = offload(Config::default());
+        let body = photos_body();
+        let expected = in_filter_body(&cfg, &body);
+        let png_answer = |h: &FakeHost| service_answer(h, 0);
+        type Answer = Box<dyn Fn(&FakeHost) -> (Option<u32>, Vec<u8>)>;
+        let cases: Vec<(&str, Answer)> = vec![
+            (
+                "down",
+                Box::new(|_| (Some(503), b"upstream connect error".to_vec())),
+            ),
+            ("timeout", Box::new(|_| (Some(504), Vec::new()))),
+            ("no answer", Box::new(|_| (None, Vec::new()))),
+            ("refused", Box::new(|_| (Some(400), b"{\"error\":{}}".to_vec()))),
+            (
+                "not an image",
+                Box::new(|_| (Some(200), b"{\"error\":{}}".to_vec())),
+            ),
+            ("the other image", Box::new(|h| (Some(200), service_answer(h, 1)))),
+            (
+                "truncated",
+                Box::new(move |h| (Some(200), png_answer(h)[..20].to_vec())),
+            ),
+        ];
+        for (name, answer) in cases {
+            let (mut f, mut h, m, _) = start(cfg.clone(), &body, false);
+            let good = service_answer(&h, 1);
+            assert_eq!(
+                answer_call(&mut f, &mut h, &m, 1, Some(200), good),
+                Verdict::Pause
+            );
+            let (status, bytes) = answer(&h);
+            assert_eq!(
+                answer_call(&mut f, &mut h, &m, 0, status, bytes),
+                Verdict::Continue,
+                "{name}"
+            );
+            assert_eq!(h.resumed, 1, "{name}");
+            assert!(h.body == expected, "{name}");
+            f.on_response_headers(&mut h, &m);
+            assert!(
+                h.resp_headers
+                    .contains(&(HEADER_OFFLOAD.into(), "fallback".into())),
+                "{name}"
+            );
+            let c = m.counts.borrow();
+            assert_eq!(
+                (
+                    c[Counter::TranscodeOffloads.name()],
+                    c[Counter::TranscodeFallbacks.name()]
+                ),
+                (1, 1),
+                "{name}"
+            );
+        }
+        // An answer over the body limit is not read.
+        let small = Config {
+            max_body_bytes: body.len() as u64 + 10,
+            ..cfg.clone()
+        };
+        let (mut f, mut h, m, _) = start(small.clone(), &body, false);
+        let token = h.transcodes[0].0;
+        f.on_transcode_response(&mut h, &m, token, Some(200), body.len() + 11);
+        let good = service_answer(&h, 1);
+        assert_eq!(
+            answer_call(&mut f, &mut h, &m, 1, Some(200), good),
+            Verdict::Continue
+        );
+        assert!(h.body == in_filter_body(&small, &body));
+    }
+
+    #[test]
+    fn a_refused_dispatch_is_shrunk_here_at_once() {
+        let cfg = offload(Config::default());
+        let body = photos_body();
+        let m = FakeMetrics::default();
+        let mut h = host("POST", "/v1/chat/completions", &body);
+        h.refuse_transcode = true;
+        let mut f = filter(cfg.clone());
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Continue);
+        assert_eq!(h.resumed, 0, "never paused, so nothing to resume");
+        assert!(h.body == in_filter_body(&cfg, &body));
+        assert_eq!(m.counts.borrow()[Counter::TranscodeFallbacks.name()], 2);
+        // Within budget or text only: no call at all, no header.
+        for text in [
+            r#"{"messages":[{"role":"user","content":"hi"}]}"#,
+            r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":"https://x/y.png"}]}]}"#,
+        ] {
+            let (mut f, mut h, m, v) = start(cfg.clone(), text, false);
+            assert_eq!((v, h.transcodes.len()), (Verdict::Continue, 0));
+            assert_eq!(h.body, text.as_bytes());
+            f.on_response_headers(&mut h, &m);
+            assert!(!h.resp_headers.iter().any(|(k, _)| k == HEADER_OFFLOAD));
+        }
+    }
+
+    #[test]
+    fn a_corrupt_image_gets_the_filters_error_after_the_service_refuses_it() {
+        let body = photos_body();
+        // The PNG cut short past its header: the service says 400 and the
+        // filter, trying itself, finds it corrupt.
+        let start_png = body.find("base64,").unwrap_or(0) + 7;
+        let cut = format!("{}\"}}}}]}}]}}", &body[..start_png + 4000]);
+        for fail_open in [false, true] {
+            let cfg = offload(Config {
+                fail_open,
+                ..Config::default()
+            });
+            let (mut f, mut h, m, v) = start(cfg, &cut, false);
+            assert_eq!((v, h.transcodes.len()), (Verdict::Pause, 1));
+            let v = answer_call(&mut f, &mut h, &m, 0, Some(400), b"{}".to_vec());
+            if fail_open {
+                assert_eq!((v, h.resumed), (Verdict::Continue, 1));
+                assert!(h.reply.is_none());
+                assert!(h.body == cut.as_bytes(), "forwarded unchanged");
+            } else {
+                assert_eq!((v, h.resumed), (Verdict::Pause, 0));
+                let (status, json) = h.reply.clone().expect("reply");
+                let e: serde_json::Value = serde_json::from_slice(&json).expect("json");
+                assert_eq!(
+                    (status, e["error"]["code"].as_str()),
+                    (400, Some("corrupt_image"))
+                );
+            }
+            f.on_done(&m);
+            assert_eq!(m.state().pd_inflight, 0);
+        }
+    }
+
+    #[test]
+    fn offload_then_encode_then_pd_and_an_abort_leaks_nothing() {
+        use crate::core::encode::EncodeFanout;
+        let cfg = offload(epd(EncodeFailure::Fallback, EncodeFanout::PerRequest));
+        let body = photos_body();
+        let (mut f, mut h, m, _) = start(cfg.clone(), &body, true);
+        assert!(h.calls.is_empty(), "no encode call before the images are shrunk");
+        for n in 0..2 {
+            let a = service_answer(&h, n);
+            answer_call(&mut f, &mut h, &m, n, Some(200), a);
+        }
+        // The encode call carries the images PD gets: the shrunk ones.
+        assert_eq!(h.calls.len(), 1);
+        assert!(h.body == in_filter_body(&cfg, &body));
+        let sent = String::from_utf8_lossy(&h.body).to_string();
+        let encoded = String::from_utf8_lossy(&h.calls[0].3).to_string();
+        let urls = |b: &str| -> Vec<String> {
+            b.split("\"data:")
+                .skip(1)
+                .map(|u| u.split('"').next().unwrap_or_default().to_string())
+                .collect()
+        };
+        assert_eq!(urls(&sent).len(), 2);
+        assert!(urls(&sent) == urls(&encoded), "the same images at encode and PD");
+        assert_eq!(h.resumed, 0, "still waiting for the encoder");
+        assert_eq!(m.state().encode_inflight, 1);
+        assert_eq!(
+            f.on_encode_response(&mut h, &m, 100, Some(200)),
+            Verdict::Continue
+        );
+        assert_eq!(h.resumed, 1);
+        f.on_done(&m);
+        // A client gone while the images are at the service: what the
+        // dynamic decision reserved is given back, and a late answer does
+        // nothing.
+        let dynamic = Config {
+            policy: PolicyKind::Dynamic,
+            ..cfg
+        };
+        // A backlog at the encoder makes the policy shrink the images.
+        let m = FakeMetrics::default();
+        let backlog = 900_000;
+        m.traffic.borrow_mut().encode_outstanding_us = backlog;
+        let mut h = host("POST", "/v1/chat/completions", &body);
+        let mut f = filter(dynamic);
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Pause);
+        assert!(f.transcoding() && !h.transcodes.is_empty());
+        assert!(
+            m.state().encode_outstanding_us > backlog,
+            "reserved at the decision"
+        );
+        f.on_done(&m);
+        assert_eq!(m.state().encode_outstanding_us, backlog);
+        let a = service_answer(&h, 0);
+        answer_call(&mut f, &mut h, &m, 0, Some(200), a);
+        let s = m.state();
+        assert_eq!((s.encode_inflight, s.pd_inflight, s.pd_pending), (0, 0, 0));
     }
 
     fn split(failure: PrefillFailure) -> Config {
@@ -1918,7 +2583,7 @@ mod tests {
     const KV_ANSWER: &str = r#"{"id":"p1","choices":[{"text":"x"}],"kv_transfer_params":{"remote_engine_id":"e1","remote_block_ids":[3,4],"remote_host":"10.0.0.2","remote_port":5600,"transfer_id":"t-1"}}"#;
 
     /// Answers the call with `token`: `status` and `body`.
-    fn answer_call(
+    fn answer_token(
         f: &mut RequestFilter,
         h: &mut FakeHost,
         m: &FakeMetrics,
@@ -1972,7 +2637,7 @@ mod tests {
         assert_eq!(p["messages"][0]["content"], "hi");
         assert_eq!(h.body, body.as_bytes(), "nothing changed before the answer");
         assert_eq!(
-            answer_call(&mut f, &mut h, &m, token, Some(200), KV_ANSWER),
+            answer_token(&mut f, &mut h, &m, token, Some(200), KV_ANSWER),
             Verdict::Continue
         );
         assert_eq!(h.resumed, 1);
@@ -2004,11 +2669,11 @@ mod tests {
         assert_eq!(h.calls.len(), 2, "encode calls first, prefill after");
         assert!(h.calls.iter().all(|c| c.1 == "encode_cluster"));
         assert_eq!(
-            answer_call(&mut f, &mut h, &m, 100, Some(200), "{}"),
+            answer_token(&mut f, &mut h, &m, 100, Some(200), "{}"),
             Verdict::Pause
         );
         assert_eq!(
-            answer_call(&mut f, &mut h, &m, 101, Some(200), "{}"),
+            answer_token(&mut f, &mut h, &m, 101, Some(200), "{}"),
             Verdict::Pause
         );
         assert_eq!(h.resumed, 0, "still waiting for the prefill");
@@ -2025,7 +2690,7 @@ mod tests {
         // In flight at the prefill side while it prefills.
         assert_eq!(m.state().pd_inflight, 1);
         assert_eq!(
-            answer_call(&mut f, &mut h, &m, token, Some(200), r#"{"id":"x"}"#),
+            answer_token(&mut f, &mut h, &m, token, Some(200), r#"{"id":"x"}"#),
             Verdict::Continue
         );
         assert_eq!(h.resumed, 1);
@@ -2046,11 +2711,11 @@ mod tests {
         let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
         let (mut f, mut h, m, _) = start(split(PrefillFailure::Fail), body, true);
         assert_eq!(
-            answer_call(&mut f, &mut h, &m, 100, Some(503), "busy"),
+            answer_token(&mut f, &mut h, &m, 100, Some(503), "busy"),
             Verdict::Pause
         );
         assert_eq!(h.calls.len(), 2, "retried");
-        answer_call(&mut f, &mut h, &m, 101, None, "");
+        answer_token(&mut f, &mut h, &m, 101, None, "");
         let (status, reply) = h.reply.clone().expect("reply");
         assert_eq!(status, 502);
         let v: serde_json::Value = serde_json::from_slice(&reply).expect("json");
@@ -2069,7 +2734,7 @@ mod tests {
         );
         // A late answer changes nothing.
         assert_eq!(
-            answer_call(&mut f, &mut h, &m, 101, Some(200), KV_ANSWER),
+            answer_token(&mut f, &mut h, &m, 101, Some(200), KV_ANSWER),
             Verdict::Continue
         );
         assert_eq!(h.resumed, 0);
@@ -2080,17 +2745,17 @@ mod tests {
         let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
         // A 4xx is not retried.
         let (mut f, mut h, m, _) = start(split(PrefillFailure::Fail), body, true);
-        answer_call(&mut f, &mut h, &m, 100, Some(400), "{}");
+        answer_token(&mut f, &mut h, &m, 100, Some(400), "{}");
         assert_eq!((h.calls.len(), h.reply.as_ref().map(|r| r.0)), (1, Some(502)));
         // A 2xx that is not a JSON object, or whose params are not an
         // object, is retried, then fails.
         for bad in ["not json", r#"{"kv_transfer_params":[1]}"#] {
             let (mut f, mut h, m, _) = start(split(PrefillFailure::Fail), body, true);
             assert_eq!(
-                answer_call(&mut f, &mut h, &m, 100, Some(200), bad),
+                answer_token(&mut f, &mut h, &m, 100, Some(200), bad),
                 Verdict::Pause
             );
-            answer_call(&mut f, &mut h, &m, 101, Some(200), bad);
+            answer_token(&mut f, &mut h, &m, 101, Some(200), bad);
             assert_eq!(
                 (h.calls.len(), h.reply.as_ref().map(|r| r.0)),
                 (2, Some(502)),
@@ -2108,9 +2773,9 @@ mod tests {
     fn prefill_fallback_sends_the_plain_request_to_decode() {
         let body = r#"{"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
         let (mut f, mut h, m, _) = start(split(PrefillFailure::Fallback), body, true);
-        answer_call(&mut f, &mut h, &m, 100, Some(500), "");
+        answer_token(&mut f, &mut h, &m, 100, Some(500), "");
         assert_eq!(
-            answer_call(&mut f, &mut h, &m, 101, Some(504), ""),
+            answer_token(&mut f, &mut h, &m, 101, Some(504), ""),
             Verdict::Continue
         );
         assert_eq!((h.resumed, h.body.as_slice()), (1, body.as_bytes()));
@@ -2168,7 +2833,7 @@ mod tests {
                 let Some(token) = h.calls.last().map(|c| c.0) else {
                     break;
                 };
-                answer_call(&mut f, &mut h, &m, token, status, KV_ANSWER);
+                answer_token(&mut f, &mut h, &m, token, status, KV_ANSWER);
             }
             f.on_done(&m);
             f.on_done(&m);
@@ -2200,11 +2865,11 @@ mod tests {
             .collect();
         assert_eq!(parts[0]["input_audio"]["data"], "UklGRg==");
         assert_eq!(parts[1]["video_url"]["url"], "data:video/mp4;base64,AAAA");
-        answer_call(&mut f, &mut h, &m, 100, Some(200), "{}");
-        answer_call(&mut f, &mut h, &m, 101, Some(200), "{}");
+        answer_token(&mut f, &mut h, &m, 100, Some(200), "{}");
+        answer_token(&mut f, &mut h, &m, 101, Some(200), "{}");
         assert_eq!(h.calls.len(), 3, "then the prefill");
         assert_eq!(h.calls[2].1, "prefill_cluster");
-        answer_call(&mut f, &mut h, &m, 102, Some(200), "{}");
+        answer_token(&mut f, &mut h, &m, 102, Some(200), "{}");
         assert_eq!((h.resumed, h.body.as_slice()), (1, MEDIA.as_bytes()));
         f.on_response_headers(&mut h, &m);
         let hv = headers_of(&h);

@@ -1,6 +1,6 @@
 //! The host calls the state machine needs.
 
-use crate::core::residual::ResidualHistogram;
+use crate::core::residual::{Margin, ResidualHistogram};
 use crate::core::traffic::{ClusterSignal, TrafficState};
 
 /// An HTTP call to the encode or the prefill cluster.
@@ -10,6 +10,19 @@ pub struct EncodeCall<'a> {
     pub authority: &'a str,
     pub path: &'a str,
     pub request_id: &'a str,
+    pub body: &'a [u8],
+    pub timeout_ms: u64,
+}
+
+/// An HTTP call to the transcode service (`transcode: "offload"`): one
+/// image's bytes, its target in `headers`.
+#[derive(Debug, Clone, Copy)]
+pub struct TranscodeCall<'a> {
+    pub cluster: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    pub content_type: &'a str,
+    pub headers: &'a [(&'static str, String)],
     pub body: &'a [u8],
     pub timeout_ms: u64,
 }
@@ -65,8 +78,10 @@ pub trait HttpHost {
     /// Dispatches an encode call; its answer comes to
     /// `RequestFilter::on_encode_response` with the returned token.
     fn dispatch(&mut self, call: &EncodeCall<'_>) -> Result<u32, String>;
-    /// The body of the answer to a dispatched call, `[0, size)` (only valid
-    /// while that answer is being handled).
+    /// Dispatches a transcode call; its answer comes to
+    /// `RequestFilter::on_transcode_response` with the returned token.
+    fn dispatch_transcode(&mut self, call: &TranscodeCall<'_>) -> Result<u32, String>;
+    /// The body of the call answer being delivered, `[0, size)`.
     fn call_response_body(&self, size: usize) -> Option<Vec<u8>>;
     /// Lets a paused request continue upstream.
     fn resume_request(&mut self);
@@ -108,6 +123,10 @@ pub enum Counter {
     TtftSamples,
     /// Of those, the ones over their SLO.
     SloMisses,
+    /// Images shrunk by the transcode service (`transcode: "offload"`).
+    TranscodeOffloads,
+    /// Images the filter shrank itself after the service failed.
+    TranscodeFallbacks,
     /// Prefill calls dispatched (retries included).
     PrefillCalls,
     /// Prefill calls retried.
@@ -124,7 +143,7 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 18] = [
+    pub const ALL: [Counter; 20] = [
         Counter::Requests,
         Counter::ImagesResized,
         Counter::ImagesPassed,
@@ -137,6 +156,8 @@ impl Counter {
         Counter::EncodeFallbacks,
         Counter::TtftSamples,
         Counter::SloMisses,
+        Counter::TranscodeOffloads,
+        Counter::TranscodeFallbacks,
         Counter::PrefillCalls,
         Counter::PrefillRetries,
         Counter::PrefillFailures,
@@ -160,6 +181,8 @@ impl Counter {
             Self::EncodeFallbacks => "vlm_budget_encode_fallbacks_total",
             Self::TtftSamples => "vlm_budget_ttft_samples_total",
             Self::SloMisses => "vlm_budget_slo_misses_total",
+            Self::TranscodeOffloads => "vlm_budget_transcode_offloads_total",
+            Self::TranscodeFallbacks => "vlm_budget_transcode_fallbacks_total",
             Self::PrefillCalls => "vlm_budget_prefill_calls_total",
             Self::PrefillRetries => "vlm_budget_prefill_retries_total",
             Self::PrefillFailures => "vlm_budget_prefill_failures_total",
@@ -204,7 +227,7 @@ pub trait Metrics {
     /// One measured TTFT, and observed minus predicted when predicted.
     fn ttft_ms(&self, observed_ms: f64, error_ms: Option<f64>);
     /// The learned margin now in force.
-    fn margin_ms(&self, ms: f64);
+    fn margin(&self, margin: Margin);
 }
 
 /// The traffic state shared by all workers (proxy-wasm shared data).

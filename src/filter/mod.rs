@@ -6,4 +6,6 @@ pub mod flow;
 pub mod host;
 
 pub use flow::{RequestFilter, Shared, Verdict};
-pub use host::{Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestHeaders, Services, Traffic};
+pub use host::{
+    Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestHeaders, Services, Traffic, TranscodeCall,
+};

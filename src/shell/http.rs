@@ -2,11 +2,11 @@
 
 use super::metrics::HostMetrics;
 use super::{hold, now_micros, shared, warn_err};
-use crate::core::residual::ResidualHistogram;
+use crate::core::residual::{Margin, ResidualHistogram};
 use crate::core::traffic::{ClusterSignal, TrafficState};
 use crate::filter::{
     Counter, EncodeCall, GaugeSet, HttpHost, Metrics, RequestFilter, RequestHeaders, Services, Shared,
-    Traffic, Verdict,
+    Traffic, TranscodeCall, Verdict,
 };
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext};
@@ -37,8 +37,8 @@ impl Metrics for VmServices {
     fn ttft_ms(&self, observed_ms: f64, error_ms: Option<f64>) {
         self.metrics.ttft_ms(observed_ms, error_ms);
     }
-    fn margin_ms(&self, ms: f64) {
-        self.metrics.margin_ms(ms);
+    fn margin(&self, margin: Margin) {
+        self.metrics.margin(margin);
     }
 }
 
@@ -89,13 +89,18 @@ impl Http {
 }
 
 impl Context for Http {
-    fn on_http_call_response(&mut self, token: u32, _headers: usize, body_size: usize, _trailers: usize) {
+    fn on_http_call_response(&mut self, token: u32, _headers: usize, body: usize, _trailers: usize) {
         let status = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
             .ok()
             .flatten()
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
+        if self.filter.transcoding() {
+            self.filter
+                .on_transcode_response(&mut self.host, self.services.as_ref(), token, status, body);
+            return;
+        }
         self.filter
-            .on_call_response(&mut self.host, self.services.as_ref(), token, status, body_size);
+            .on_call_response(&mut self.host, self.services.as_ref(), token, status, body);
     }
 
     fn on_done(&mut self) -> bool {
@@ -271,9 +276,26 @@ impl HttpHost for ProxyHost {
         )
         .map_err(|e| format!("{e:?}"))
     }
+    fn dispatch_transcode(&mut self, call: &TranscodeCall<'_>) -> Result<u32, String> {
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", call.path),
+            (":authority", call.authority),
+            ("content-type", call.content_type),
+        ];
+        headers.extend(call.headers.iter().map(|(k, v)| (*k, v.as_str())));
+        hostcalls::dispatch_http_call(
+            call.cluster,
+            headers,
+            Some(call.body),
+            vec![],
+            Duration::from_millis(call.timeout_ms),
+        )
+        .map_err(|e| format!("{e:?}"))
+    }
     fn call_response_body(&self, size: usize) -> Option<Vec<u8>> {
         warn_err(
-            "get call response body",
+            "get call answer",
             hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, size),
         )
         .flatten()

@@ -1,6 +1,7 @@
 //! Metric definitions (one set per VM; VMs share metrics of the same name).
 
 use crate::core::error::FilterError;
+use crate::core::residual::Margin;
 use crate::core::traffic::TrafficState;
 use crate::filter::host::{
     error_metric_name, ENCODE_HISTOGRAM, TRANSCODE_HISTOGRAM, TTFT_ERROR_HISTOGRAM, TTFT_HISTOGRAM,
@@ -28,6 +29,7 @@ pub const GAUGE_PD_OUTSTANDING_MS: &str = "vlm_budget_pd_outstanding_ms";
 pub const GAUGE_PD_CALIBRATION: &str = "vlm_budget_pd_calibration_factor_milli";
 pub const GAUGE_TRANSCODE_SPEED: &str = "vlm_budget_transcode_ms_per_mpixel";
 pub const GAUGE_MARGIN: &str = "vlm_budget_ttft_margin_ms";
+pub const GAUGE_MARGIN_SLOPE: &str = "vlm_budget_ttft_margin_us_per_token";
 pub const COUNTER_POLLS: &str = "vlm_budget_metrics_polls_total";
 pub const COUNTER_POLL_FAILURES: &str = "vlm_budget_metrics_poll_failures_total";
 
@@ -57,7 +59,7 @@ fn define(kind: MetricType, name: &str) -> Option<u32> {
     }
 }
 
-const GAUGES: [&str; 16] = [
+const GAUGES: [&str; 17] = [
     GAUGE_ENCODE_INFLIGHT,
     GAUGE_PD_INFLIGHT,
     GAUGE_OUTSTANDING_MS,
@@ -74,6 +76,7 @@ const GAUGES: [&str; 16] = [
     GAUGE_PD_CALIBRATION,
     GAUGE_TRANSCODE_SPEED,
     GAUGE_MARGIN,
+    GAUGE_MARGIN_SLOPE,
 ];
 
 impl HostMetrics {
@@ -184,7 +187,8 @@ impl Metrics for HostMetrics {
             None => {}
         }
     }
-    fn margin_ms(&self, ms: f64) {
-        self.set(GAUGE_MARGIN, ms);
+    fn margin(&self, margin: Margin) {
+        self.set(GAUGE_MARGIN, margin.base_ms);
+        self.set(GAUGE_MARGIN_SLOPE, margin.per_token_ms * 1000.0);
     }
 }

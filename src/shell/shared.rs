@@ -10,7 +10,7 @@ use proxy_wasm::types::Status;
 pub const TRAFFIC_KEY: &str = "vlm_budget.traffic.v2";
 pub const CLUSTER_KEY: &str = "vlm_budget.cluster.v1";
 pub const PD_CLUSTER_KEY: &str = "vlm_budget.pd_cluster.v1";
-pub const RESIDUALS_KEY: &str = "vlm_budget.ttft_residuals.v1";
+pub const RESIDUALS_KEY: &str = "vlm_budget.ttft_residuals.v2";
 pub const LEASE_KEY: &str = "vlm_budget.poll_lease.v1";
 
 /// Attempts before a contended update gives up (and logs).

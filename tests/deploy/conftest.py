@@ -31,6 +31,8 @@ KUSTOMIZATIONS = [
     "kubernetes/overlays/vanilla",
     "kubernetes/overlays/static",
     "kubernetes/overlays/dynamic",
+    "kubernetes/transcoder",
+    "kubernetes/overlays/offload",
     "istio",
     "envoy-gateway",
 ]

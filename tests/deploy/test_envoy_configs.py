@@ -114,7 +114,8 @@ def inline(boot: dict, policy: dict) -> dict:
 
 def some_ports() -> dict[str, int]:
     return {"vlm_ingress": harness.free_port(), "metrics": harness.free_port(),
-            "pd_cluster": harness.free_port(), "encode_cluster": harness.free_port()}
+            "pd_cluster": harness.free_port(), "encode_cluster": harness.free_port(),
+            "transcode_cluster": harness.free_port()}
 
 
 @pytest.mark.parametrize("overlay", ["vanilla", "static", "dynamic"])
@@ -126,6 +127,17 @@ def test_overlay_configmaps_validate(rendered, wasm, tmp_path, overlay):
     validate(local, tmp_path, "bootstrap")
     out = validate(inline(local, local_policy(policy, wasm)), tmp_path, "inlined")
     assert f"vlm-budget: configured: policy={overlay}" in out
+
+
+def test_offload_overlay_validates_and_names_the_transcode_cluster(rendered, wasm, tmp_path):
+    boot, policy = configmaps(rendered["kubernetes/overlays/offload"])
+    cfg = json.loads(policy["resources"][0]["typed_config"]["config"]["configuration"]["value"])
+    assert cfg["transcode"] == "offload"
+    assert cfg["transcode_cluster"] in {c["name"] for c in boot["static_resources"]["clusters"]}
+    ports = some_ports()
+    local = localise(boot, tmp_path, ports, harness.free_port())
+    out = validate(inline(local, local_policy(policy, wasm)), tmp_path, "offload")
+    assert "vlm-budget: configured: policy=static" in out
 
 
 def kubelet_configmap(dir_: pathlib.Path, files: dict[str, str]) -> None:

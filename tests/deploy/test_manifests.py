@@ -335,3 +335,45 @@ def test_manifest_files_are_all_in_a_kustomization():
     files = {p.resolve() for p in DEPLOY.rglob("*.yaml") if p.name != "kustomization.yaml"}
     assert files - listed == set()
     assert not list(pathlib.Path(DEPLOY).rglob("*.yml"))
+
+
+def test_transcode_service_matches_its_image_and_the_envoy_cluster(rendered):
+    """deploy/kubernetes/transcoder: the Deployment runs the image that
+    tools/transcoder/Dockerfile builds, on the port its headless Service and
+    the bootstrap's transcode_cluster use; the HPA scales that Deployment."""
+    docs = rendered["kubernetes/transcoder"]
+    dep = one(docs, "Deployment", "vlm-transcode")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    version = tomllib.loads((ROOT / "tools/transcoder/Cargo.toml").read_text())["package"]["version"]
+    assert c["image"].endswith(f"/vlm-transcode:{version}")
+    args = c["args"]
+    port = int(args[args.index("--listen") + 1].rsplit(":", 1)[1])
+    assert c["ports"][0]["containerPort"] == port
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    threads = int(args[args.index("--threads") + 1])
+    assert int(c["resources"]["requests"]["cpu"]) >= threads
+    svc = one(docs, "Service", "vlm-transcode-headless")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["ports"][0]["port"] == port
+    assert svc["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    hpa = one(docs, "HorizontalPodAutoscaler", "vlm-transcode")["spec"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "vlm-transcode"}
+    assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"]
+    # The image: the service's binary, its port, the pod's user.
+    dockerfile = (ROOT / "tools/transcoder/Dockerfile").read_text()
+    assert "cargo build --release --locked -p vlm-transcode" in dockerfile
+    assert f"EXPOSE {port}" in dockerfile
+    user = pod["securityContext"]["runAsUser"]
+    assert f"USER {user}:{pod['securityContext']['runAsGroup']}" in dockerfile
+    for line in dockerfile.splitlines():
+        if line.startswith("FROM "):
+            assert ":" in line.split()[1], f"unpinned base image: {line}"
+    # Every stack's Envoy reaches it through transcode_cluster.
+    boot = bootstrap_of(rendered["kubernetes/overlays/static"])
+    (cluster,) = [c for c in boot["static_resources"]["clusters"] if c["name"] == "transcode_cluster"]
+    addr = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+    assert addr == {"address": "vlm-transcode-headless.vlm.svc.cluster.local", "port_value": port}
+    offload = plugin_config(rendered["kubernetes/overlays/offload"])
+    assert offload["transcode"] == "offload" and offload["transcode_cluster"] == "transcode_cluster"
+    assert offload["transcode_authority"] == addr["address"]
