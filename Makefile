@@ -104,7 +104,7 @@ bench-hol: wasm transcoder venv testdata
 # FUZZ_SECONDS, one job, on seeds from fuzz/gen_seeds.py. A failing input is
 # left in fuzz/artifacts/<target>/; it belongs in tests/data/fuzz-regressions/.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := request encode_requests pipeline datauri_base64 probe_decode config prometheus offload_answer
+FUZZ_TARGETS := request encode_requests prefill pipeline datauri_base64 probe_decode config prometheus offload_answer
 CARGO_FUZZ   := .cache/tools/bin/cargo-fuzz
 # No leak check: natively jpeg-decoder decodes on worker threads whose
 # thread-locals LeakSanitizer reports (on wasm32 it has no threads).

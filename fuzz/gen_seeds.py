@@ -157,15 +157,30 @@ garbage line {{{
 }
 
 
+# Prefill answers (vLLM's NIXL connector's shape) for the prefill target.
+PREFILL_ANSWERS = {
+    "answer": '{"id":"c","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant",'
+              '"content":"a"}}],"kv_transfer_params":{"do_remote_prefill":true,"do_remote_decode":false,'
+              '"remote_engine_id":"e","remote_block_ids":[1,2,3],"remote_host":"10.0.0.1","remote_port":5600,'
+              '"tp_size":1}}',
+    "answer-null": '{"id":"c","kv_transfer_params":null}',
+    "answer-none": '{"id":"c","choices":[]}',
+    "answer-bad": '{"kv_transfer_params":[1]}',
+    "answer-dup": '{"kv_transfer_params":{"a":1},"kv_transfer_params":{"b":2}}',
+    "body-params": '{"messages":[],"kv_transfer_params":{"old":1},"stream":true,"stream_options":{}}',
+}
+
+
 def main() -> int:
     imgs = images()
     chat = bodies(imgs)
     seeds: dict[str, dict[str, bytes]] = {t: {} for t in (
-        "request", "encode_requests", "pipeline", "probe_decode", "datauri_base64", "config", "prometheus",
-        "offload_answer")}
+        "request", "encode_requests", "prefill", "pipeline", "probe_decode", "datauri_base64", "config",
+        "prometheus", "offload_answer")}
     for name, body in chat.items():
         seeds["request"][name] = body
         seeds["encode_requests"][name] = body
+        seeds["prefill"]["body-" + name] = body
         seeds["pipeline"]["body-" + name] = b"\x00" + body
         seeds["pipeline"]["body-dynamic-" + name] = b"\x02" + body
     for name, data in imgs.items():
@@ -181,6 +196,8 @@ def main() -> int:
         "remote": b"https://example.com/a.png",
         "webp": b"data:image/webp;base64,UklGRgAAAABXRUJQVlA4IA==",
     })
+    for name, text in PREFILL_ANSWERS.items():
+        seeds["prefill"][name] = text.encode()
     for name, data in imgs.items():
         # offload_answer: status 200, format, the image's own size, the image.
         try:

@@ -21,6 +21,7 @@ use vlm_budget::core::offload::{check_answer, Target};
 use vlm_budget::core::pipeline::Job;
 use vlm_budget::core::pipeline::{process, ImageAction, Outcome, RequestContext};
 use vlm_budget::core::policy::{self, PolicyKind};
+use vlm_budget::core::prefill::{answer_kv_params, decode_request, prefill_request, KV_KEY, KV_OPEN};
 use vlm_budget::core::probe::{probe, ImageFormat};
 use vlm_budget::core::prometheus::{samples, sum_of};
 use vlm_budget::core::request::{may_have_images, scan, splice, ChatRequest, RequestError};
@@ -34,7 +35,7 @@ pub type Check = fn(&[u8]);
 
 /// Every target, by name (the directory names under `fuzz/corpus/` and
 /// `tests/data/fuzz-regressions/`).
-pub const TARGETS: [(&str, Check); 8] = [
+pub const TARGETS: [(&str, Check); 9] = [
     ("request", request),
     ("pipeline", pipeline),
     ("datauri_base64", datauri_base64),
@@ -42,6 +43,7 @@ pub const TARGETS: [(&str, Check); 8] = [
     ("config", config),
     ("prometheus", prometheus),
     ("encode_requests", encode_requests),
+    ("prefill", prefill),
     ("offload_answer", offload_answer),
 ];
 
@@ -194,12 +196,17 @@ pub fn encode_requests(data: &[u8]) {
     let want = urls(&req);
     for fanout in [EncodeFanout::PerImage, EncodeFanout::PerRequest] {
         let out = epd::encode_requests(data, fanout).expect("the body scanned");
-        if want.is_empty() {
-            assert!(out.is_empty(), "no image, no encode call");
+        if want.is_empty() && req.media.is_empty() {
+            assert!(out.is_empty(), "no image, audio or video: no encode call");
             continue;
         }
+        // Per item: each image alone, then each audio or video part alone.
         let expected: Vec<Vec<String>> = match fanout {
-            EncodeFanout::PerImage => want.iter().map(|u| vec![u.clone()]).collect(),
+            EncodeFanout::PerImage => want
+                .iter()
+                .map(|u| vec![u.clone()])
+                .chain(req.media.iter().map(|_| Vec::new()))
+                .collect(),
             EncodeFanout::PerRequest => vec![want.clone()],
         };
         assert_eq!(out.len(), expected.len());
@@ -214,6 +221,68 @@ pub fn encode_requests(data: &[u8]) {
                 assert!(v.get("stream_options").is_none());
             }
         }
+    }
+}
+
+// ------------------------------------------------------------- prefill
+
+/// The prefill/decode split: a prefill answer's `kv_transfer_params` agree
+/// with an independent reading (serde_json); the prefill request asks for
+/// one token and opens the handshake; the decode request is the body with
+/// only the params added or replaced.
+pub fn prefill(data: &[u8]) {
+    let reference = serde_json::from_slice::<Value>(data).ok();
+    match answer_kv_params(data) {
+        Ok(Some(raw)) => {
+            assert!(raw.first() == Some(&b'{') && raw.last() == Some(&b'}'));
+            if let Some(v) = &reference {
+                let got: Value = serde_json::from_slice(raw).expect("the params are JSON");
+                assert_eq!(Some(&got), v.get(KV_KEY), "not the answer's params");
+            }
+        }
+        Ok(None) => {
+            if let Some(v) = &reference {
+                assert!(v.is_object());
+                assert!(v.get(KV_KEY).is_none_or(Value::is_null), "params missed");
+            }
+        }
+        Err(_) => {
+            if let Some(v) = &reference {
+                let shaped = v.get(KV_KEY).is_none_or(|p| p.is_object() || p.is_null());
+                assert!(!v.is_object() || !shaped, "a well-formed answer refused");
+            }
+        }
+    }
+    let Ok(pre) = prefill_request(data) else {
+        assert!(decode_request(data, b"{}").is_err(), "bodies are read alike");
+        return;
+    };
+    let kv = br#"{"transfer_id":"t"}"#;
+    let dec = decode_request(data, kv).expect("the body read for prefill");
+    if let Some(Value::Object(body)) = &reference {
+        let v: Value = serde_json::from_slice(&pre).expect("valid JSON in, valid JSON out");
+        let open: Value = serde_json::from_slice(KV_OPEN).expect("KV_OPEN");
+        assert_eq!(
+            (&v["max_tokens"], &v["stream"], &v[KV_KEY]),
+            (&Value::from(1), &Value::from(false), &open)
+        );
+        assert!(v.get("stream_options").is_none());
+        let d: Value = serde_json::from_slice(&dec).expect("valid JSON in, valid JSON out");
+        let mut want = body.clone();
+        want.insert(KV_KEY.into(), serde_json::json!({"transfer_id": "t"}));
+        assert_eq!(d, Value::Object(want), "decode changed more than the params");
+    }
+    // Without params already there, the decode request only adds bytes.
+    if !data.windows(KV_KEY.len()).any(|w| w == KV_KEY.as_bytes()) {
+        let added = dec.len() - data.len();
+        assert!(added == KV_KEY.len() + 3 + kv.len() || added == KV_KEY.len() + 4 + kv.len());
+        let at = dec
+            .iter()
+            .zip(data)
+            .position(|(a, b)| a != b)
+            .unwrap_or(data.len());
+        assert_eq!(&dec[..at], &data[..at]);
+        assert_eq!(&dec[at + added..], &data[at..], "bytes after the params changed");
     }
 }
 

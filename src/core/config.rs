@@ -7,6 +7,7 @@ use super::encode::{EncodeFailure, EncodeFanout};
 use super::latency::{LatencyModel, H100_ENCODE, H100_PREFILL};
 use super::offload::TranscodeMode;
 use super::policy::PolicyKind;
+use super::prefill::PrefillFailure;
 use super::residual::MarginRule;
 use super::sizing::SizingRule;
 use super::transcode::{ResizeFilter, TranscodeOptions};
@@ -50,6 +51,9 @@ pub struct ProfileConfig {
     /// The filter's transcode speed before it has measured its own, ms per
     /// input megapixel.
     pub transcode_ms_per_mpixel: f64,
+    /// With `prefill_cluster`: the KV cache's transfer to decode and
+    /// decode's first step, ms for a prompt of n tokens.
+    pub kv_handoff_ms: LatencyModel,
 }
 
 impl Default for ProfileConfig {
@@ -60,9 +64,19 @@ impl Default for ProfileConfig {
             encode_replicas: 1,
             pd_replicas: 1,
             transcode_ms_per_mpixel: 25.0,
+            kv_handoff_ms: KV_HANDOFF,
         }
     }
 }
+
+/// The KV hand-off of a prefill/decode split before it is measured: a
+/// decode step (6 ms) and a NIXL transfer of 1.5 ms per 1,000 prompt tokens
+/// (~36 KiB of KV cache per token of a Qwen2.5-VL-3B-sized model at ~25 GB/s).
+pub const KV_HANDOFF: LatencyModel = LatencyModel::Quadratic {
+    a: 6.0,
+    b: 0.0015,
+    c: 0.0,
+};
 
 /// Online correction of the profile from observed encode and
 /// forward-to-first-token times.
@@ -140,6 +154,21 @@ pub struct Config {
     pub encode_failure: EncodeFailure,
     /// `per_image` or `per_request`.
     pub encode_fanout: EncodeFanout,
+    /// Envoy cluster of the prefill instances of a prefill/decode split
+    /// (1E1P1D): each request is prefilled there first and goes on to the
+    /// route's cluster (decode) with the prefill's `kv_transfer_params`.
+    /// Unset: the route's cluster prefills and decodes.
+    pub prefill_cluster: Option<String>,
+    /// `:authority` of prefill requests.
+    pub prefill_authority: String,
+    /// Path of prefill requests.
+    pub prefill_path: String,
+    /// Timeout of one prefill call.
+    pub prefill_timeout_ms: u64,
+    /// Retries of a failed or timed-out prefill call.
+    pub prefill_retries: u64,
+    /// After the retries: `fail` (502) or `fallback` (decode alone).
+    pub prefill_failure: PrefillFailure,
     /// Dynamic policy: time-to-first-token SLO, ms.
     pub ttft_slo_ms: u64,
     /// Bounds of a per-request SLO given in `x-slo-ttft-ms`.
@@ -210,6 +239,12 @@ impl Default for Config {
             encode_retries: 1,
             encode_failure: EncodeFailure::Fallback,
             encode_fanout: EncodeFanout::PerImage,
+            prefill_cluster: None,
+            prefill_authority: "vlm-prefill".into(),
+            prefill_path: "/v1/chat/completions".into(),
+            prefill_timeout_ms: 30_000,
+            prefill_retries: 1,
+            prefill_failure: PrefillFailure::Fail,
             ttft_slo_ms: 1000,
             slo_min_ms: 100,
             slo_max_ms: 60_000,
@@ -396,9 +431,36 @@ impl Config {
         if self.encode_retries > 10 {
             return Err(bad("encode_retries", "must be 0..=10"));
         }
+        self.validate_prefill()?;
         self.validate_offload()?;
         self.validate_dynamic()?;
         Ok(self)
+    }
+
+    fn validate_prefill(&self) -> Result<(), ConfigError> {
+        if self
+            .prefill_cluster
+            .as_deref()
+            .is_some_and(|c| c.trim().is_empty())
+        {
+            return Err(bad(
+                "prefill_cluster",
+                "must not be empty (omit it when prefill and decode are one instance)",
+            ));
+        }
+        if self.prefill_authority.is_empty() || self.prefill_authority.contains(char::is_whitespace) {
+            return Err(bad("prefill_authority", "must be a host name"));
+        }
+        if !self.prefill_path.starts_with('/') {
+            return Err(bad("prefill_path", "must start with '/'"));
+        }
+        if !(1..=600_000).contains(&self.prefill_timeout_ms) {
+            return Err(bad("prefill_timeout_ms", "must be 1..=600000"));
+        }
+        if self.prefill_retries > 10 {
+            return Err(bad("prefill_retries", "must be 0..=10"));
+        }
+        Ok(())
     }
 
     fn validate_offload(&self) -> Result<(), ConfigError> {
@@ -460,6 +522,10 @@ impl Config {
             .prefill_ms
             .validate()
             .map_err(|e| bad("profile.prefill_ms", e.0))?;
+        self.profile
+            .kv_handoff_ms
+            .validate()
+            .map_err(|e| bad("profile.kv_handoff_ms", e.0))?;
         if !(1..=10_000).contains(&self.profile.encode_replicas) {
             return Err(bad("profile.encode_replicas", "must be 1..=10000"));
         }
@@ -519,6 +585,10 @@ impl Config {
             fanout: self.encode_fanout,
             epd: self.encode_cluster.is_some(),
             transcode_prior_ms_per_mpixel: self.profile.transcode_ms_per_mpixel,
+            handoff: self
+                .prefill_cluster
+                .is_some()
+                .then(|| self.profile.kv_handoff_ms.clone()),
         }
     }
 
@@ -596,6 +666,29 @@ mod tests {
     }
 
     #[test]
+    fn prefill_split_config() {
+        let c = Config::from_json(
+            br#"{"encode_cluster":"e","prefill_cluster":"p","prefill_authority":"pre","prefill_path":"/p",
+                "prefill_timeout_ms":500,"prefill_retries":0,"prefill_failure":"fallback"}"#,
+        )
+        .expect("valid");
+        assert_eq!(c.prefill_cluster.as_deref(), Some("p"));
+        assert_eq!((c.prefill_timeout_ms, c.prefill_retries), (500, 0));
+        assert_eq!(c.prefill_failure, PrefillFailure::Fallback);
+        assert_eq!(c.dynamic_params().handoff, Some(KV_HANDOFF));
+        assert_eq!(Config::default().dynamic_params().handoff, None);
+        assert_eq!(
+            err(r#"{"profile":{"kv_handoff_ms":{"a":-1,"b":0,"c":0}}}"#).field,
+            "profile.kv_handoff_ms"
+        );
+        let d = Config::default();
+        assert_eq!(
+            (d.prefill_cluster, d.prefill_failure),
+            (None, PrefillFailure::Fail)
+        );
+    }
+
+    #[test]
     fn dynamic_config_and_slo_header() {
         let c = Config::from_json(
             br#"{"policy":"dynamic","ttft_slo_ms":800,"profile":{"encode_ms":{"table":[[0,10],[1000,40]]},
@@ -655,6 +748,12 @@ mod tests {
         assert_eq!(err(r#"{"encode_fanout":"all"}"#).field, "encode_fanout");
         assert_eq!(err(r#"{"encode_failure":"retry"}"#).field, "encode_failure");
         assert_eq!(err(r#"{"encode_path":"v1"}"#).field, "encode_path");
+        assert_eq!(err(r#"{"prefill_cluster":" "}"#).field, "prefill_cluster");
+        assert_eq!(err(r#"{"prefill_authority":"a b"}"#).field, "prefill_authority");
+        assert_eq!(err(r#"{"prefill_path":"v1"}"#).field, "prefill_path");
+        assert_eq!(err(r#"{"prefill_timeout_ms":0}"#).field, "prefill_timeout_ms");
+        assert_eq!(err(r#"{"prefill_retries":11}"#).field, "prefill_retries");
+        assert_eq!(err(r#"{"prefill_failure":"retry"}"#).field, "prefill_failure");
         assert_eq!(err(r#"{"slo_headroom":1.5}"#).field, "slo_headroom");
         assert_eq!(err(r#"{"ttft_slo_ms":10}"#).field, "ttft_slo_ms");
         assert_eq!(err(r#"{"max_utilisation":0}"#).field, "max_utilisation");

@@ -55,6 +55,11 @@ pub struct DynamicParams {
     /// Transcode speed before this Envoy has measured its own, ms per input
     /// megapixel.
     pub transcode_prior_ms_per_mpixel: f64,
+    /// A prefill/decode split (1E1P1D): after the prefill, the KV cache's
+    /// transfer to decode and decode's first step, ms for a prompt of n
+    /// tokens. `None` when one instance prefills and decodes: decode is on
+    /// the TTFT path only through that step.
+    pub handoff: Option<LatencyModel>,
 }
 
 /// One request, as the solver sees it.
@@ -88,7 +93,8 @@ pub struct Terms {
     /// Waiting at prefill/decode (the part of its backlog not yet drained
     /// when this request gets there).
     pub pd_wait: f64,
-    /// Prefill (with the encoder's work for a monolithic backend).
+    /// Prefill (with the encoder's work for a monolithic backend, and the
+    /// KV hand-off to decode of a prefill/decode split).
     pub prefill: f64,
 }
 
@@ -188,6 +194,13 @@ impl DynamicParams {
         cal * self.prefill.predict(prompt_tokens) + encode
     }
 
+    /// The KV hand-off of a prefill/decode split for a prompt of
+    /// `prompt_tokens` (transfer and decode's first step), ms; 0 without a
+    /// split.
+    pub fn handoff_ms(&self, prompt_tokens: f64) -> f64 {
+        self.handoff.as_ref().map_or(0.0, |h| h.predict(prompt_tokens))
+    }
+
     /// The transcode of a request's images, ms, when any is shrunk.
     pub fn transcode_ms(&self, t: &TrafficSnapshot, mpixels: f64) -> f64 {
         let speed = if t.transcode_ms_per_mpixel > 0.0 {
@@ -208,7 +221,7 @@ impl DynamicParams {
             0.0
         };
         let backlog = self.pd_backlog_ms(t, text_tokens);
-        let prefill = self.pd_work_ms(t, nf + text_tokens, nf);
+        let prefill = self.pd_work_ms(t, nf + text_tokens, nf) + self.handoff_ms(nf + text_tokens);
         if !self.epd {
             return Terms {
                 elapsed: d.elapsed_ms,
@@ -327,6 +340,7 @@ mod tests {
             fanout: EncodeFanout::PerImage,
             epd: true,
             transcode_prior_ms_per_mpixel: 0.0,
+            handoff: None,
         }
     }
 
@@ -577,6 +591,28 @@ mod tests {
         };
         let b = p.pd_backlog_ms(&cluster, 100.0);
         assert!((b - 10.0 * p.prefill.predict(4100.0)).abs() < 1e-6, "{b}");
+    }
+
+    #[test]
+    fn a_split_adds_the_kv_handoff_to_the_prefill() {
+        let split = DynamicParams {
+            handoff: Some(LatencyModel::Quadratic {
+                a: 6.0,
+                b: 0.01,
+                c: 0.0,
+            }),
+            ..params()
+        };
+        let d = demand(11_782, 1);
+        let t = TrafficSnapshot::idle();
+        let (one, two) = (params().terms(&d, 4000, &t), split.terms(&d, 4000, &t));
+        let prompt = 4000.0 + d.text_bytes as f64 / 4.0;
+        assert!((two.prefill - one.prefill - (6.0 + 0.01 * prompt)).abs() < 1e-9);
+        assert_eq!((two.encode, two.pd_wait), (one.encode, one.pd_wait));
+        assert_eq!(params().handoff_ms(1e6), 0.0);
+        // The hand-off is on the TTFT path: a tight SLO keeps fewer tokens.
+        let tight = Demand { slo_ms: 400.0, ..d };
+        assert!(split.solve(&tight, &t).total < params().solve(&tight, &t).total);
     }
 
     #[test]

@@ -72,37 +72,45 @@ fn whole(body: &[u8], req: &ChatRequest<'_>) -> Vec<u8> {
     out
 }
 
-/// One encode request per image: the image alone in a user message.
+/// One encode request per image, audio or video part: the item alone in
+/// a user message (an image as its URL, an audio or video part whole, as
+/// sent).
 fn per_image(body: &[u8], req: &ChatRequest<'_>) -> Vec<Vec<u8>> {
     let had_mct = req.members.iter().any(|(k, _)| k == "max_completion_tokens");
-    req.images
-        .iter()
-        .map(|site| {
-            let url = &body[site.span.clone()];
-            let mut out = Vec::with_capacity(url.len() + 256);
-            out.push(b'{');
-            let mut first = true;
-            for (key, range) in &req.members {
-                if PER_IMAGE_KEEP.contains(&key.as_ref()) {
-                    push_member(&mut out, &mut first, key, &body[range.clone()]);
-                }
+    let one = |part: &[&[u8]]| {
+        let mut out = Vec::with_capacity(part.iter().map(|p| p.len()).sum::<usize>() + 256);
+        out.push(b'{');
+        let mut first = true;
+        for (key, range) in &req.members {
+            if PER_IMAGE_KEEP.contains(&key.as_ref()) {
+                push_member(&mut out, &mut first, key, &body[range.clone()]);
             }
-            let mut msg =
-                b"[{\"role\":\"user\",\"content\":[{\"type\":\"image_url\",\"image_url\":{\"url\":".to_vec();
-            msg.extend_from_slice(url);
-            msg.extend_from_slice(b"}}]}]");
-            push_member(&mut out, &mut first, "messages", &msg);
-            push_one_token(&mut out, &mut first, had_mct);
-            out
-        })
-        .collect()
+        }
+        let mut msg = b"[{\"role\":\"user\",\"content\":[".to_vec();
+        for p in part {
+            msg.extend_from_slice(p);
+        }
+        msg.extend_from_slice(b"]}]");
+        push_member(&mut out, &mut first, "messages", &msg);
+        push_one_token(&mut out, &mut first, had_mct);
+        out
+    };
+    let images = req.images.iter().map(|site| {
+        one(&[
+            b"{\"type\":\"image_url\",\"image_url\":{\"url\":",
+            &body[site.span.clone()],
+            b"}}",
+        ])
+    });
+    let media = req.media.iter().map(|site| one(&[&body[site.span.clone()]]));
+    images.chain(media).collect()
 }
 
 /// Encode requests for `body` (the body prefill/decode will get). Empty
-/// when the request has no image.
+/// when the request has no image, audio or video part.
 pub fn encode_requests(body: &[u8], fanout: EncodeFanout) -> Result<Vec<Vec<u8>>, RequestError> {
     let req = scan(body)?;
-    if req.images.is_empty() {
+    if req.images.is_empty() && req.media.is_empty() {
         return Ok(Vec::new());
     }
     Ok(match fanout {
@@ -162,6 +170,40 @@ mod tests {
                     "max_tokens": 1, "max_completion_tokens": 1, "stream": false})
             );
         }
+    }
+
+    #[test]
+    fn audio_and_video_parts_go_to_the_encoder_as_sent() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":[
+            {"type":"input_audio","input_audio":{"data":"UklGRg==","format":"wav"}},
+            {"type":"video_url","video_url":{"url":"data:video/mp4;base64,AAAA"}}]}],"stream":true}"#;
+        let out = encode_requests(body, EncodeFanout::PerImage).expect("ok");
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            parse(&out[0]),
+            json!({"model": "m", "messages": [{"role": "user", "content": [
+                {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}]}],
+                "max_tokens": 1, "stream": false})
+        );
+        assert_eq!(
+            parse(&out[1])["messages"][0]["content"][0]["video_url"]["url"],
+            "data:video/mp4;base64,AAAA"
+        );
+        let whole = encode_requests(body, EncodeFanout::PerRequest).expect("ok");
+        assert_eq!(whole.len(), 1);
+        assert_eq!(
+            parse(&whole[0])["messages"][0]["content"]
+                .as_array()
+                .map(Vec::len),
+            Some(2)
+        );
+        // Images first, then the other parts.
+        let mixed = br#"{"messages":[{"role":"user","content":[
+            {"type":"audio_url","audio_url":{"url":"https://x/a.mp3"}},
+            {"type":"image_url","image_url":"data:image/png;base64,AAAA"}]}]}"#;
+        let out = encode_requests(mixed, EncodeFanout::PerImage).expect("ok");
+        assert_eq!(parse(&out[0])["messages"][0]["content"][0]["type"], "image_url");
+        assert_eq!(parse(&out[1])["messages"][0]["content"][0]["type"], "audio_url");
     }
 
     #[test]

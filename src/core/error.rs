@@ -19,6 +19,8 @@ pub enum FilterError {
     },
     /// The encode cluster failed after the retries (`encode_failure: fail`).
     EncoderUnavailable(String),
+    /// The prefill cluster failed after the retries (`prefill_failure: fail`).
+    PrefillUnavailable(String),
     /// A problem with the image at `index` (document order, from 0).
     Image {
         index: usize,
@@ -61,13 +63,15 @@ impl FilterError {
             Self::UnsupportedEncoding(_) => "unsupported_content_encoding",
             Self::TooManyImages { .. } => "too_many_images",
             Self::EncoderUnavailable(_) => "encoder_unavailable",
+            Self::PrefillUnavailable(_) => "prefill_unavailable",
             Self::Image { kind, .. } => kind.code(),
         }
     }
 
     /// Every code, for defining metrics up front.
-    pub const CODES: [&'static str; 12] = [
+    pub const CODES: [&'static str; 13] = [
         "encoder_unavailable",
+        "prefill_unavailable",
         "body_too_large",
         "invalid_json",
         "invalid_request",
@@ -88,7 +92,7 @@ impl FilterError {
                 kind: ImageErrorKind::ProcessingFailed,
                 ..
             } => 500,
-            Self::EncoderUnavailable(_) => 502,
+            Self::EncoderUnavailable(_) | Self::PrefillUnavailable(_) => 502,
             Self::UnsupportedEncoding(_) => 415,
             _ => 400,
         }
@@ -128,6 +132,7 @@ impl fmt::Display for FilterError {
             }
             Self::Image { index, detail, .. } => write!(f, "image {index}: {detail}"),
             Self::EncoderUnavailable(e) => write!(f, "the vision encoder is unavailable: {e}"),
+            Self::PrefillUnavailable(e) => write!(f, "the prefill instance is unavailable: {e}"),
         }
     }
 }
@@ -154,6 +159,11 @@ mod tests {
         assert_eq!((e.status(), e.code()), (415, "unsupported_content_encoding"));
         let v: serde_json::Value = serde_json::from_slice(&e.to_json()).expect("json");
         assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(FilterError::CODES.contains(&e.code()));
+        let e = FilterError::PrefillUnavailable("HTTP 503".into());
+        assert_eq!((e.status(), e.code()), (502, "prefill_unavailable"));
+        let v: serde_json::Value = serde_json::from_slice(&e.to_json()).expect("json");
+        assert_eq!(v["error"]["type"], "server_error");
         assert!(FilterError::CODES.contains(&e.code()));
     }
 }

@@ -12,6 +12,7 @@ pub mod latency;
 pub mod offload;
 pub mod pipeline;
 pub mod policy;
+pub mod prefill;
 pub mod probe;
 pub mod prometheus;
 pub mod request;

@@ -11,7 +11,7 @@ use super::datauri::{self, DataUriError, ImageUrl};
 use super::error::{FilterError, ImageErrorKind};
 use super::policy::{BudgetPolicy, PolicyInput, PolicyKind, Prediction};
 use super::probe::{probe, ImageFormat, ImageHeader, ProbeError};
-use super::request::{may_have_images, scan, splice, RequestError};
+use super::request::{may_have_images, scan, splice, MediaCount, RequestError};
 use super::sizing::Dims;
 use super::traffic::TrafficSnapshot;
 use super::transcode::{transcode, TranscodeError, TranscodeOptions};
@@ -59,6 +59,8 @@ pub struct Outcome {
     pub prediction: Option<Prediction>,
     /// Bytes of text in the request (0 when it was not parsed).
     pub text_bytes: usize,
+    /// Audio and video parts (sent to the encoder, forwarded unchanged).
+    pub media: MediaCount,
 }
 
 /// What the request's surroundings tell the policy.
@@ -101,6 +103,7 @@ impl Outcome {
             reason: None,
             prediction: None,
             text_bytes: 0,
+            media: MediaCount::default(),
         }
     }
 
@@ -316,10 +319,17 @@ fn with_plan<R>(
             limit: cfg.max_images_per_request,
         });
     }
+    let media = MediaCount::of(&req.media);
     if req.images.is_empty() {
         // Nothing to size: the policy is not consulted and the body is
-        // forwarded as is.
-        return then(text_only());
+        // forwarded as is (audio and video parts still go to the encoder).
+        return then(Plan {
+            jobs: Vec::new(),
+            outcome: Outcome {
+                media,
+                ..Outcome::text_only(policy.kind())
+            },
+        });
     }
     let rule = cfg.sizing_rule();
     let mut located = Vec::with_capacity(req.images.len());
@@ -421,6 +431,7 @@ fn with_plan<R>(
             reason: budgets.reason,
             prediction: budgets.prediction,
             text_bytes: req.text_bytes,
+            media,
         },
     })
 }

@@ -39,16 +39,57 @@ pub struct ImageSite<'a> {
     pub url: Cow<'a, str>,
 }
 
+/// Which encoder input an audio or video part is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaKind {
+    /// `audio_url` or `input_audio`.
+    Audio,
+    /// `video_url`.
+    Video,
+}
+
+/// One audio or video content part: sent to the encoder like an image,
+/// forwarded unchanged (only images are resized).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaSite {
+    pub kind: MediaKind,
+    /// Byte range of the whole part object.
+    pub span: Range<usize>,
+}
+
+/// Audio and video parts of a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MediaCount {
+    pub audio: usize,
+    pub video: usize,
+}
+
+impl MediaCount {
+    pub fn of(sites: &[MediaSite]) -> Self {
+        let audio = sites.iter().filter(|s| s.kind == MediaKind::Audio).count();
+        Self {
+            audio,
+            video: sites.len() - audio,
+        }
+    }
+
+    pub fn any(self) -> bool {
+        self.audio + self.video > 0
+    }
+}
+
 /// What the filter needs to know about a chat request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ChatRequest<'a> {
     /// Image parts in document order; an image's index is its position here.
     pub images: Vec<ImageSite<'a>>,
+    /// Audio and video parts in document order.
+    pub media: Vec<MediaSite>,
     /// Bytes of text content (an input to the latency model).
     pub text_bytes: usize,
     /// Top-level members in order: key and the byte range of its raw value
-    /// (listed only when the request has images: the encode requests need
-    /// them).
+    /// (listed only when the request has images, audio or video: the
+    /// encode requests need them).
     pub members: Vec<Member<'a>>,
 }
 
@@ -108,6 +149,9 @@ pub fn scan(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> {
         for (_, range) in &mut req.members {
             *range = range.start + skip..range.end + skip;
         }
+        for site in &mut req.media {
+            site.span = site.span.start + skip..site.span.end + skip;
+        }
     }
     Ok(req)
 }
@@ -143,8 +187,9 @@ fn scan_json(body: &[u8]) -> Result<ChatRequest<'_>, RequestError> {
             }
         }
     }
-    // Only a request with images is rewritten or sent to the encoder.
-    if !req.images.is_empty() {
+    // Only a request with images (or audio, video) is rewritten or sent to
+    // the encoder.
+    if !req.images.is_empty() || !req.media.is_empty() {
         req.members = doc.members(&top).map_err(json)?;
     }
     Ok(req)
@@ -180,15 +225,24 @@ fn scan_part<'a>(
                 req.text_bytes += t.len().saturating_sub(2);
             }
         }
+        "audio_url" | "input_audio" => req.media.push(MediaSite {
+            kind: MediaKind::Audio,
+            span: part.clone(),
+        }),
+        "video_url" => req.media.push(MediaSite {
+            kind: MediaKind::Video,
+            span: part.clone(),
+        }),
         _ => {}
     }
     Ok(())
 }
 
-/// Whether `body` could hold an image part: it has the bytes `image_url`,
-/// or a `\u` escape (which could spell them). A body without either has no
-/// part whose type is `image_url` under any JSON reading, so [`scan`] would
-/// find no image in it. One pass, eight bytes at a time.
+/// Whether `body` could hold an image, audio or video part: it has the
+/// bytes `image_url`, `audio_url`, `video_url` or `input_audio`, or a `\u`
+/// escape (which could spell them). A body without any has no part of those
+/// types under any JSON reading, so [`scan`] would find no image and no
+/// media in it. One pass, eight bytes at a time.
 pub fn may_have_images(body: &[u8]) -> bool {
     let mut i = 0;
     while i < body.len() {
@@ -201,7 +255,11 @@ pub fn may_have_images(body: &[u8]) -> bool {
         let hit = if body[i] == b'\\' {
             body.get(i + 1) == Some(&b'u')
         } else {
-            i >= 5 && body.get(i - 5..i + 4) == Some(&b"image_url"[..])
+            i >= 5
+                && match body.get(i - 5..i + 4) {
+                    Some(b"image_url" | b"audio_url" | b"video_url") => true,
+                    _ => body.get(i - 5..i + 6) == Some(&b"input_audio"[..]),
+                }
         };
         if hit {
             return true;
@@ -364,6 +422,38 @@ mod tests {
         }
         let text = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#;
         assert!(!may_have_images(text) && scan(text).expect("scan").images.is_empty());
+    }
+
+    #[test]
+    fn audio_and_video_parts_are_located_whole() {
+        let body = br#"{"messages":[{"role":"user","content":[{"type":"text","text":"hi"},
+            {"type":"input_audio","input_audio":{"data":"UklGRg==","format":"wav"}},
+            {"type":"video_url","video_url":{"url":"data:video/mp4;base64,AAAA"}},
+            {"type":"audio_url","audio_url":{"url":"https://x/a.mp3"}}]}],"model":"m"}"#;
+        let req = scan(body).expect("scan");
+        assert!(req.images.is_empty());
+        let kinds: Vec<_> = req.media.iter().map(|m| m.kind).collect();
+        assert_eq!(kinds, [MediaKind::Audio, MediaKind::Video, MediaKind::Audio]);
+        assert_eq!(
+            &body[req.media[1].span.clone()],
+            br#"{"type":"video_url","video_url":{"url":"data:video/mp4;base64,AAAA"}}"#
+        );
+        assert_eq!(MediaCount::of(&req.media), MediaCount { audio: 2, video: 1 });
+        assert_eq!(req.members.len(), 2, "members listed for the encoder");
+        let mut bom = BOM.to_vec();
+        bom.extend_from_slice(body);
+        let shifted = scan(&bom).expect("scan");
+        assert_eq!(
+            &bom[shifted.media[0].span.clone()],
+            &body[req.media[0].span.clone()]
+        );
+        for ty in ["audio_url", "video_url", "input_audio"] {
+            let b = format!(r#"{{"messages":[{{"content":[{{"type":"{ty}"}}]}}]}}"#);
+            assert!(may_have_images(b.as_bytes()), "{ty}");
+            assert_eq!(scan(b.as_bytes()).expect("scan").media.len(), 1);
+        }
+        assert!(!may_have_images(b"{\"x\":\"input_audi\"}"));
+        assert!(!MediaCount::default().any());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! Request state machine: headers → buffer body → process → (encode) →
-//! forward → response headers → (first streamed token), with every traffic
+//! (prefill) → forward → response headers → (first streamed token), with every traffic
 //! counter the request raises released on every path (answer, error,
 //! timeout, client reset) by `on_done`.
 //!
@@ -15,6 +15,8 @@ use crate::core::error::FilterError;
 use crate::core::offload::{self, check_answer, AnswerError, Target, TranscodeMode};
 use crate::core::pipeline::{plan, process, ImageAction, Outcome, Plan, RequestContext};
 use crate::core::policy::{self, BudgetPolicy, PolicyKind, Prediction};
+use crate::core::prefill::{answer_kv_params, decode_request, prefill_request, PrefillFailure};
+use crate::core::request::RequestError;
 use crate::core::residual::MarginRule;
 use crate::core::sse::FirstToken;
 use crate::core::traffic::{ClusterSignal, TrafficSnapshot, TrafficState};
@@ -81,6 +83,8 @@ enum State {
     Transcoding(Box<Transcoding>),
     /// Waiting for the encode cluster before forwarding to PD.
     Encoding(Encoding),
+    /// Waiting for the prefill cluster before forwarding to decode.
+    Prefilling(Prefilling),
     /// Forwarded to prefill/decode: the report goes on the response.
     Forwarded(Report),
     /// A streamed answer: waiting for its first token.
@@ -101,6 +105,9 @@ struct Timed {
     prediction: Option<Prediction>,
     /// Predicted prefill/decode work of the request (µs).
     pd_work_us: i64,
+    /// Predicted KV hand-off to decode of a prefill/decode split (ms; 0
+    /// without one): on the way to the first token, not prefill work.
+    handoff_ms: f64,
     /// The encode calls failed and PD encodes itself: not what was
     /// predicted, so no sample.
     fallback: bool,
@@ -135,8 +142,32 @@ struct Encoding {
     started_us: u64,
     /// Predicted duration of the encode phase (queue wait + service), ms.
     predicted_ms: f64,
-    /// What to time the request against once forwarded.
-    timed: Timed,
+    /// What to time the request against once forwarded (none without
+    /// images).
+    timed: Option<Timed>,
+    /// The prefill call that follows (prefill/decode split).
+    prefill: Option<PrefillPlan>,
+}
+
+/// A prefill call to make once the encoder is done.
+#[derive(Debug, Clone, PartialEq)]
+struct PrefillPlan {
+    /// The prefill request.
+    request: Vec<u8>,
+    /// Size of the buffered request body (what decode gets, and what the
+    /// prefill's `kv_transfer_params` is spliced into).
+    body_len: usize,
+}
+
+/// The prefill call of one request (prefill/decode split).
+#[derive(Debug, Clone, PartialEq)]
+struct Prefilling {
+    report: Report,
+    plan: PrefillPlan,
+    /// The call in flight: (token, attempt).
+    pending: Option<(u32, u64)>,
+    calls: u64,
+    started_us: u64,
 }
 
 /// How a request's images were decided, for the rest of its way.
@@ -218,6 +249,12 @@ pub const HEADER_OFFLOAD: &str = "x-vlm-transcode";
 pub const HEADER_ENCODE: &str = "x-vlm-encode";
 pub const HEADER_ENCODE_MS: &str = "x-vlm-encode-ms";
 pub const HEADER_ENCODE_CALLS: &str = "x-vlm-encode-calls";
+pub const HEADER_PREFILL: &str = "x-vlm-prefill";
+pub const HEADER_PREFILL_MS: &str = "x-vlm-prefill-ms";
+pub const HEADER_PREFILL_CALLS: &str = "x-vlm-prefill-calls";
+pub const HEADER_KV_TRANSFER: &str = "x-vlm-kv-transfer";
+pub const HEADER_AUDIO: &str = "x-vlm-audio-parts";
+pub const HEADER_VIDEO: &str = "x-vlm-video-parts";
 pub const HEADER_PREDICTED_TTFT: &str = "x-vlm-predicted-ttft-ms";
 pub const HEADER_MARGIN: &str = "x-vlm-ttft-margin-ms";
 pub const HEADER_TERMS: &str = "x-vlm-ttft-terms";
@@ -289,8 +326,8 @@ impl RequestFilter {
         if cfg.policy == PolicyKind::Dynamic {
             self.slo_ms = headers.get(HEADER_SLO).map(|h| cfg.slo_for(Some(h)));
         }
-        if cfg.encode_cluster.is_some() {
-            // Encode and PD calls share the id; headers can only change now.
+        if cfg.encode_cluster.is_some() || cfg.prefill_cluster.is_some() {
+            // Encode, prefill and decode calls share the id; headers can only change now.
             // An id that is not UTF-8 is replaced: the encode call could
             // not carry the same bytes.
             let id = match headers.get(REQUEST_ID) {
@@ -417,8 +454,19 @@ impl RequestFilter {
         let cfg = &shared.config;
         let decided_us = done.decided_us;
         if outcome.images.is_empty() {
-            // Text only: nothing to report to the traffic state.
-            return self.forward(host, svc, report_of(&outcome, 0), None);
+            // No image: nothing to report to the traffic state. Audio and
+            // video parts still go to the encoder first.
+            record_media(svc, &outcome);
+            if outcome.media.any() && cfg.encode_cluster.is_some() {
+                let idle = TrafficSnapshot::idle();
+                return self.start_encoding(host, svc, &body, report_of(&outcome, 0), &idle, None);
+            }
+            let plan = match self.prefill_plan(&body) {
+                Ok(plan) => plan,
+                Err(e) => return self.fail(host, svc, e),
+            };
+            self.release_encode_work(svc);
+            return self.proceed(host, svc, report_of(&outcome, 0), None, plan, false);
         }
         if let Some(new_body) = &outcome.body {
             host.replace_request_body(body_size, new_body);
@@ -453,14 +501,33 @@ impl RequestFilter {
             tokens,
             prediction: outcome.prediction,
             pd_work_us: (pd_work_ms * 1000.0) as i64,
+            handoff_ms: shared.params.handoff_ms(tokens as f64 + text_tokens),
             fallback: false,
         };
         let final_body = outcome.body.unwrap_or(body);
         if cfg.encode_cluster.is_none() {
-            return self.forward(host, svc, report, Some(timed));
+            // The body was parsed, so its prefill request cannot fail.
+            let plan = self.prefill_plan(&final_body).unwrap_or_default();
+            return self.proceed(host, svc, report, Some(timed), plan, false);
         }
         let traffic = done.seen.unwrap_or_else(|| shared.snapshot(svc, decided_us));
-        self.start_encoding(host, svc, &final_body, report, &traffic, timed)
+        self.start_encoding(host, svc, &final_body, report, &traffic, Some(timed))
+    }
+
+    /// The prefill call for `body` (the body decode gets), when prefill
+    /// and decode are split.
+    fn prefill_plan(&self, body: &[u8]) -> Result<Option<PrefillPlan>, FilterError> {
+        if self.shared.config.prefill_cluster.is_none() {
+            return Ok(None);
+        }
+        let request = prefill_request(body).map_err(|e| match e {
+            RequestError::Json(e) => FilterError::InvalidJson(e),
+            RequestError::Schema(e) => FilterError::InvalidRequest(e),
+        })?;
+        Ok(Some(PrefillPlan {
+            request,
+            body_len: body.len(),
+        }))
     }
 
     /// Request trailers end the body (Envoy's decompressor adds some): the
@@ -481,11 +548,18 @@ impl RequestFilter {
         timed: Option<Timed>,
     ) -> Verdict {
         self.state = State::Forwarded(report);
-        let Some(timed) = timed else {
-            return Verdict::Continue;
-        };
+        if let Some(timed) = timed {
+            self.hold_pd(host, svc, timed);
+        }
+        Verdict::Continue
+    }
+
+    /// The request's prefill work is now the prefill side's (the route's
+    /// cluster, or the prefill cluster of a split): counted in flight there
+    /// until done, and pending until its first token.
+    fn hold_pd(&mut self, host: &mut dyn HttpHost, svc: &dyn Services, timed: Timed) {
         if self.held.pd {
-            return Verdict::Continue;
+            return;
         }
         let work = timed.pd_work_us.max(0);
         self.held.pd = true;
@@ -502,9 +576,216 @@ impl RequestFilter {
             timed,
             forwarded_us: host.now_micros(),
             pd_predicted_ms: backlog_ms / f64::from(self.shared.params.pd_replicas.max(1))
-                + work as f64 / 1000.0,
+                + work as f64 / 1000.0
+                + timed.handoff_ms,
         });
-        Verdict::Continue
+    }
+
+    /// After the encoder (or without one): to decode through the prefill
+    /// call when there is one, else straight on. `resume`: the request is
+    /// paused and must be resumed to go on.
+    fn proceed(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        report: Report,
+        timed: Option<Timed>,
+        plan: Option<PrefillPlan>,
+        resume: bool,
+    ) -> Verdict {
+        let Some(plan) = plan else {
+            let verdict = self.forward(host, svc, report, timed);
+            if resume {
+                host.resume_request();
+            }
+            return verdict;
+        };
+        if let Some(timed) = timed {
+            self.hold_pd(host, svc, timed);
+        }
+        let mut pre = Prefilling {
+            report,
+            plan,
+            pending: None,
+            calls: 0,
+            started_us: host.now_micros(),
+        };
+        match self.send_prefill(host, svc, &mut pre, 0) {
+            Ok(()) => {
+                self.state = State::Prefilling(pre);
+                Verdict::Pause
+            }
+            Err(why) => self.prefill_failed(host, svc, pre, &why, resume),
+        }
+    }
+
+    /// Dispatches the prefill call (attempt `attempt`).
+    fn send_prefill(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        pre: &mut Prefilling,
+        attempt: u64,
+    ) -> Result<(), String> {
+        let cfg = &self.shared.config;
+        let Some(cluster) = cfg.prefill_cluster.as_deref() else {
+            return Err("no prefill cluster".into());
+        };
+        let call = EncodeCall {
+            cluster,
+            authority: &cfg.prefill_authority,
+            path: &cfg.prefill_path,
+            request_id: self.request_id.as_deref().unwrap_or_default(),
+            body: &pre.plan.request,
+            timeout_ms: cfg.prefill_timeout_ms,
+        };
+        svc.add(Counter::PrefillCalls, 1);
+        pre.calls += 1;
+        match host.dispatch(&call) {
+            Ok(token) => {
+                pre.pending = Some((token, attempt));
+                Ok(())
+            }
+            Err(e) => {
+                log::warn!("vlm-budget: prefill dispatch to {cluster} refused: {e}");
+                Err(format!("dispatch refused: {e}"))
+            }
+        }
+    }
+
+    /// A dispatched call answered: the prefill call or an encode call
+    /// (`status`: the HTTP status, `None` when the call itself failed;
+    /// `body_size`: the size of the answer's body).
+    pub fn on_call_response(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        token: u32,
+        status: Option<u32>,
+        body_size: usize,
+    ) -> Verdict {
+        if matches!(self.state, State::Prefilling(_)) {
+            return self.on_prefill_response(host, svc, token, status, body_size);
+        }
+        self.on_encode_response(host, svc, token, status)
+    }
+
+    /// The prefill call answered: its `kv_transfer_params` go into the
+    /// decode request; a failure is retried, then fails the request or
+    /// falls back to decode alone.
+    fn on_prefill_response(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        token: u32,
+        status: Option<u32>,
+        body_size: usize,
+    ) -> Verdict {
+        let State::Prefilling(mut pre) = std::mem::replace(&mut self.state, State::Bypass) else {
+            return Verdict::Continue;
+        };
+        let Some((_, attempt)) = pre.pending.filter(|p| p.0 == token) else {
+            self.state = State::Prefilling(pre);
+            return Verdict::Continue;
+        };
+        pre.pending = None;
+        let answer = match status {
+            Some(s) if (200..300).contains(&s) => {
+                let body = host.call_response_body(body_size).unwrap_or_default();
+                answer_kv_params(&body)
+                    .map(|kv| kv.map(<[u8]>::to_vec))
+                    .map_err(|e| e.to_string())
+            }
+            Some(s) => Err(format!("HTTP {s}")),
+            None => Err("call failed".to_string()),
+        };
+        let why = match answer {
+            Ok(kv) => return self.prefilled(host, svc, pre, kv),
+            Err(why) => why,
+        };
+        // A 4xx is the request's fault and would fail again; an unreadable
+        // 2xx answer is the server's.
+        let again = status.is_some_and(|s| (200..300).contains(&s)) || retriable(status);
+        if again && attempt < self.shared.config.prefill_retries {
+            log::debug!("vlm-budget: prefill call failed ({why}); retrying");
+            svc.add(Counter::PrefillRetries, 1);
+            match self.send_prefill(host, svc, &mut pre, attempt + 1) {
+                Ok(()) => {
+                    self.state = State::Prefilling(pre);
+                    return Verdict::Pause;
+                }
+                Err(e) => return self.prefill_failed(host, svc, pre, &e, true),
+            }
+        }
+        self.prefill_failed(host, svc, pre, &why, true)
+    }
+
+    /// The prefill answered: decode gets the body with its
+    /// `kv_transfer_params` (the body as it is when it has none).
+    fn prefilled(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        pre: Prefilling,
+        kv: Option<Vec<u8>>,
+    ) -> Verdict {
+        let mut report = pre.report.clone();
+        let transfer = match &kv {
+            Some(kv) => {
+                let len = pre.plan.body_len;
+                let spliced = host
+                    .request_body(len)
+                    .ok_or_else(|| "request body unavailable".to_string())
+                    .and_then(|b| decode_request(&b, kv).map_err(|e| e.to_string()));
+                match spliced {
+                    Ok(body) => host.replace_request_body(len, &body),
+                    Err(why) => return self.prefill_failed(host, svc, pre, &why, true),
+                }
+                "spliced"
+            }
+            None => "absent",
+        };
+        let elapsed_ms = host.now_micros().saturating_sub(pre.started_us) / 1000;
+        report.headers.push((HEADER_PREFILL, "ok".to_string()));
+        report.headers.push((HEADER_PREFILL_MS, elapsed_ms.to_string()));
+        report.headers.push((HEADER_PREFILL_CALLS, pre.calls.to_string()));
+        report.headers.push((HEADER_KV_TRANSFER, transfer.to_string()));
+        let verdict = self.forward(host, svc, report, None);
+        host.resume_request();
+        verdict
+    }
+
+    /// The prefill failed after the retries: 502, or (`fallback`) decode
+    /// gets the body as it is and prefills itself.
+    fn prefill_failed(
+        &mut self,
+        host: &mut dyn HttpHost,
+        svc: &dyn Services,
+        pre: Prefilling,
+        why: &str,
+        resume: bool,
+    ) -> Verdict {
+        svc.add(Counter::PrefillFailures, 1);
+        if self.shared.config.prefill_failure == PrefillFailure::Fail {
+            let detail = format!("prefill failed after {} calls: {why}", pre.calls);
+            return self.reply_error(host, svc, FilterError::PrefillUnavailable(detail));
+        }
+        svc.add(Counter::PrefillFallbacks, 1);
+        log::warn!("vlm-budget: prefill failed ({why}); decode will prefill the request itself");
+        // Not the path that was predicted: no sample.
+        if let Some(w) = &mut self.watch {
+            w.timed.fallback = true;
+        }
+        let mut report = pre.report;
+        let elapsed_ms = host.now_micros().saturating_sub(pre.started_us) / 1000;
+        report.headers.push((HEADER_PREFILL, "fallback".to_string()));
+        report.headers.push((HEADER_PREFILL_MS, elapsed_ms.to_string()));
+        report.headers.push((HEADER_PREFILL_CALLS, pre.calls.to_string()));
+        let verdict = self.forward(host, svc, report, None);
+        if resume {
+            host.resume_request();
+        }
+        verdict
     }
 
     /// Sends the encode calls; the request waits for their answers.
@@ -515,18 +796,24 @@ impl RequestFilter {
         body: &[u8],
         report: Report,
         traffic: &TrafficSnapshot,
-        timed: Timed,
+        timed: Option<Timed>,
     ) -> Verdict {
+        // The body was parsed, so its prefill request cannot fail.
+        let prefill = self.prefill_plan(body).unwrap_or_default();
         let bodies = match encode_requests(body, self.shared.config.encode_fanout) {
             Ok(b) if !b.is_empty() => b,
-            // The body was just parsed, so this cannot fail; forward as is.
+            // The body was just parsed, so this cannot fail; go on as is.
             _ => {
                 self.release_encode_work(svc);
-                return self.forward(host, svc, report, Some(timed));
+                return self.proceed(host, svc, report, timed, prefill, false);
             }
         };
         let params = &self.shared.params;
-        let work_ms = traffic.calibration * params.encode.predict(timed.tokens as f64);
+        // Only images are predicted (audio and video only: no work counted,
+        // nothing to calibrate).
+        let work_ms = timed.map_or(0.0, |t| {
+            traffic.calibration * params.encode.predict(t.tokens as f64)
+        });
         let work_us = (work_ms * 1000.0) as i64;
         // What the decision reserved becomes the work of the tokens kept.
         let delta = work_us - std::mem::replace(&mut self.held.encode_work_us, work_us);
@@ -541,6 +828,7 @@ impl RequestFilter {
             started_us: host.now_micros(),
             predicted_ms: params.queue_wait_ms(traffic) + work_ms,
             timed,
+            prefill,
         };
         for index in 0..enc.bodies.len() {
             self.send(host, svc, &mut enc, index, 0);
@@ -650,7 +938,7 @@ impl RequestFilter {
         // The encoder has this request's work behind it now.
         let work = std::mem::take(&mut self.held.encode_work_us);
         let cal = &self.shared.config.calibration;
-        let calibrate = cal.enabled && enc.failed.is_empty();
+        let calibrate = cal.enabled && enc.failed.is_empty() && enc.timed.is_some();
         let (alpha, min, max) = (cal.alpha, cal.min_factor, cal.max_factor);
         let observed = elapsed_us as f64 / 1000.0;
         let state = svc.update(&mut |s| {
@@ -677,15 +965,11 @@ impl RequestFilter {
         report.headers.push((HEADER_ENCODE, outcome.to_string()));
         report.headers.push((HEADER_ENCODE_MS, elapsed_ms.to_string()));
         report.headers.push((HEADER_ENCODE_CALLS, enc.calls.to_string()));
-        let timed = Timed {
+        let timed = enc.timed.map(|t| Timed {
             fallback: !enc.failed.is_empty(),
-            ..enc.timed
-        };
-        let verdict = self.forward(host, svc, report, Some(timed));
-        if resume {
-            host.resume_request();
-        }
-        verdict
+            ..t
+        });
+        self.proceed(host, svc, report, timed, enc.prefill, resume)
     }
 
     /// Whether the request waits for the transcode service: call answers
@@ -1028,6 +1312,7 @@ fn retriable(status: Option<u32>) -> bool {
 }
 
 fn record(svc: &dyn Services, o: &Outcome, transcode_us: u64) {
+    record_media(svc, o);
     let resized = o.resized() as u64;
     let passed = o
         .images
@@ -1043,12 +1328,32 @@ fn record(svc: &dyn Services, o: &Outcome, transcode_us: u64) {
     }
 }
 
+/// Counts the audio and video parts of a request.
+fn record_media(svc: &dyn Services, o: &Outcome) {
+    if o.media.audio > 0 {
+        svc.add(Counter::AudioParts, o.media.audio as u64);
+    }
+    if o.media.video > 0 {
+        svc.add(Counter::VideoParts, o.media.video as u64);
+    }
+}
+
+fn media_headers(o: &Outcome, headers: &mut Vec<(&'static str, String)>) {
+    if o.media.audio > 0 {
+        headers.push((HEADER_AUDIO, o.media.audio.to_string()));
+    }
+    if o.media.video > 0 {
+        headers.push((HEADER_VIDEO, o.media.video.to_string()));
+    }
+}
+
 fn report_of(o: &Outcome, transcode_us: u64) -> Report {
     if o.images.is_empty() {
-        let headers = vec![
+        let mut headers = vec![
             (HEADER_POLICY, o.policy.name().to_string()),
             (HEADER_IMAGES, "0".to_string()),
         ];
+        media_headers(o, &mut headers);
         return Report { headers };
     }
     let mut headers = vec![
@@ -1060,6 +1365,7 @@ fn report_of(o: &Outcome, transcode_us: u64) -> Report {
         (HEADER_RESIZED, o.resized().to_string()),
         (HEADER_TRANSCODE, format!("{:.1}", transcode_us as f64 / 1000.0)),
     ];
+    media_headers(o, &mut headers);
     if let Some(reason) = o.reason {
         headers.push((HEADER_REASON, reason.to_string()));
     }
@@ -2264,5 +2570,326 @@ mod tests {
         answer_call(&mut f, &mut h, &m, 0, Some(200), a);
         let s = m.state();
         assert_eq!((s.encode_inflight, s.pd_inflight, s.pd_pending), (0, 0, 0));
+    }
+
+    fn split(failure: PrefillFailure) -> Config {
+        Config {
+            prefill_cluster: Some("prefill_cluster".into()),
+            prefill_failure: failure,
+            ..Config::default()
+        }
+    }
+
+    const KV_ANSWER: &str = r#"{"id":"p1","choices":[{"text":"x"}],"kv_transfer_params":{"remote_engine_id":"e1","remote_block_ids":[3,4],"remote_host":"10.0.0.2","remote_port":5600,"transfer_id":"t-1"}}"#;
+
+    /// Answers the call with `token`: `status` and `body`.
+    fn answer_token(
+        f: &mut RequestFilter,
+        h: &mut FakeHost,
+        m: &FakeMetrics,
+        token: u32,
+        status: Option<u32>,
+        body: &str,
+    ) -> Verdict {
+        h.call_answer = body.as_bytes().to_vec();
+        f.on_call_response(h, m, token, status, body.len())
+    }
+
+    fn headers_of(h: &FakeHost) -> HashMap<String, String> {
+        h.resp_headers.iter().cloned().collect()
+    }
+
+    fn assert_released(m: &FakeMetrics) {
+        let s = m.state();
+        assert_eq!(
+            (
+                s.pd_inflight,
+                s.pd_pending,
+                s.pd_outstanding_us,
+                s.encode_inflight,
+                s.encode_outstanding_us
+            ),
+            (0, 0, 0, 0, 0)
+        );
+    }
+
+    #[test]
+    fn split_prefills_first_then_decode_gets_the_params() {
+        let body = r#"{"model":"m","stream":true,"stream_options":{"include_usage":true},"max_tokens":50,
+            "temperature":0.70,"messages":[{"role":"user","content":"hi"}]}"#;
+        let (mut f, mut h, m, v) = start(split(PrefillFailure::Fail), body, false);
+        assert_eq!(v, Verdict::Pause, "held for the prefill");
+        assert_eq!(h.req_headers[REQUEST_ID], "generated-id");
+        assert_eq!(h.calls.len(), 1);
+        let (token, cluster, id, prefill) = h.calls[0].clone();
+        assert_eq!(
+            (cluster.as_str(), id.as_str()),
+            ("prefill_cluster", "generated-id")
+        );
+        let p: serde_json::Value = serde_json::from_slice(&prefill).expect("json");
+        assert_eq!(
+            (&p["max_tokens"], &p["stream"]),
+            (&serde_json::json!(1), &serde_json::json!(false))
+        );
+        assert!(p.get("stream_options").is_none());
+        assert_eq!(p["kv_transfer_params"]["do_remote_decode"], true);
+        assert_eq!(p["kv_transfer_params"]["do_remote_prefill"], false);
+        assert_eq!(p["messages"][0]["content"], "hi");
+        assert_eq!(h.body, body.as_bytes(), "nothing changed before the answer");
+        assert_eq!(
+            answer_token(&mut f, &mut h, &m, token, Some(200), KV_ANSWER),
+            Verdict::Continue
+        );
+        assert_eq!(h.resumed, 1);
+        // Decode gets the body as sent plus the prefill's params, nothing else.
+        let kv = r#"{"remote_engine_id":"e1","remote_block_ids":[3,4],"remote_host":"10.0.0.2","remote_port":5600,"transfer_id":"t-1"}"#;
+        let expected = format!("{},\"kv_transfer_params\":{kv}}}", &body[..body.len() - 1]);
+        assert_eq!(String::from_utf8_lossy(&h.body), expected);
+        f.on_response_headers(&mut h, &m);
+        let hv = headers_of(&h);
+        assert_eq!(
+            (hv[HEADER_PREFILL].as_str(), hv[HEADER_KV_TRANSFER].as_str()),
+            ("ok", "spliced")
+        );
+        assert_eq!(hv[HEADER_PREFILL_CALLS], "1");
+        assert_eq!(m.counts.borrow()[Counter::PrefillCalls.name()], 1);
+        f.on_done(&m);
+        assert_released(&m);
+    }
+
+    #[test]
+    fn split_after_the_encoder_sends_the_same_images() {
+        use crate::core::encode::EncodeFanout;
+        let cfg = Config {
+            prefill_cluster: Some("prefill_cluster".into()),
+            ..epd(EncodeFailure::Fallback, EncodeFanout::PerImage)
+        };
+        let (mut f, mut h, m, v) = start(cfg, TWO_IMAGES, true);
+        assert_eq!(v, Verdict::Pause);
+        assert_eq!(h.calls.len(), 2, "encode calls first, prefill after");
+        assert!(h.calls.iter().all(|c| c.1 == "encode_cluster"));
+        assert_eq!(
+            answer_token(&mut f, &mut h, &m, 100, Some(200), "{}"),
+            Verdict::Pause
+        );
+        assert_eq!(
+            answer_token(&mut f, &mut h, &m, 101, Some(200), "{}"),
+            Verdict::Pause
+        );
+        assert_eq!(h.resumed, 0, "still waiting for the prefill");
+        assert_eq!(h.calls.len(), 3);
+        let (token, cluster, id, prefill) = h.calls[2].clone();
+        assert_eq!((cluster.as_str(), id.as_str()), ("prefill_cluster", "client-id"));
+        let p: serde_json::Value = serde_json::from_slice(&prefill).expect("json");
+        for (i, call) in h.calls[..2].iter().enumerate() {
+            let e: serde_json::Value = serde_json::from_slice(&call.3).expect("json");
+            let url = &e["messages"][0]["content"][0]["image_url"]["url"];
+            let in_prefill = &p["messages"][0]["content"][i + 1]["image_url"];
+            assert!(in_prefill == url || &in_prefill["url"] == url, "{i}");
+        }
+        // In flight at the prefill side while it prefills.
+        assert_eq!(m.state().pd_inflight, 1);
+        assert_eq!(
+            answer_token(&mut f, &mut h, &m, token, Some(200), r#"{"id":"x"}"#),
+            Verdict::Continue
+        );
+        assert_eq!(h.resumed, 1);
+        assert_eq!(h.body, TWO_IMAGES.as_bytes(), "no params: the body as it was");
+        f.on_response_headers(&mut h, &m);
+        let hv = headers_of(&h);
+        assert_eq!(
+            (hv[HEADER_ENCODE].as_str(), hv[HEADER_PREFILL].as_str()),
+            ("ok", "ok")
+        );
+        assert_eq!(hv[HEADER_KV_TRANSFER], "absent");
+        f.on_done(&m);
+        assert_released(&m);
+    }
+
+    #[test]
+    fn prefill_failures_are_retried_then_answered_502() {
+        let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        let (mut f, mut h, m, _) = start(split(PrefillFailure::Fail), body, true);
+        assert_eq!(
+            answer_token(&mut f, &mut h, &m, 100, Some(503), "busy"),
+            Verdict::Pause
+        );
+        assert_eq!(h.calls.len(), 2, "retried");
+        answer_token(&mut f, &mut h, &m, 101, None, "");
+        let (status, reply) = h.reply.clone().expect("reply");
+        assert_eq!(status, 502);
+        let v: serde_json::Value = serde_json::from_slice(&reply).expect("json");
+        assert_eq!(v["error"]["code"], "prefill_unavailable");
+        assert_eq!(v["error"]["type"], "server_error");
+        assert_eq!((h.resumed, h.body.as_slice()), (0, body.as_bytes()));
+        let c = m.counts.borrow().clone();
+        assert_eq!(
+            (
+                c[Counter::PrefillCalls.name()],
+                c[Counter::PrefillRetries.name()],
+                c[Counter::PrefillFailures.name()],
+                c["prefill_unavailable"]
+            ),
+            (2, 1, 1, 1)
+        );
+        // A late answer changes nothing.
+        assert_eq!(
+            answer_token(&mut f, &mut h, &m, 101, Some(200), KV_ANSWER),
+            Verdict::Continue
+        );
+        assert_eq!(h.resumed, 0);
+    }
+
+    #[test]
+    fn client_errors_and_unreadable_answers() {
+        let body = r#"{"messages":[{"role":"user","content":"hi"}]}"#;
+        // A 4xx is not retried.
+        let (mut f, mut h, m, _) = start(split(PrefillFailure::Fail), body, true);
+        answer_token(&mut f, &mut h, &m, 100, Some(400), "{}");
+        assert_eq!((h.calls.len(), h.reply.as_ref().map(|r| r.0)), (1, Some(502)));
+        // A 2xx that is not a JSON object, or whose params are not an
+        // object, is retried, then fails.
+        for bad in ["not json", r#"{"kv_transfer_params":[1]}"#] {
+            let (mut f, mut h, m, _) = start(split(PrefillFailure::Fail), body, true);
+            assert_eq!(
+                answer_token(&mut f, &mut h, &m, 100, Some(200), bad),
+                Verdict::Pause
+            );
+            answer_token(&mut f, &mut h, &m, 101, Some(200), bad);
+            assert_eq!(
+                (h.calls.len(), h.reply.as_ref().map(|r| r.0)),
+                (2, Some(502)),
+                "{bad}"
+            );
+            assert_eq!(h.body, body.as_bytes());
+        }
+        // A body that is not JSON is refused before any call.
+        let (_, h, _, v) = start(split(PrefillFailure::Fail), "{oops", true);
+        assert_eq!((v, h.calls.len()), (Verdict::Pause, 0));
+        assert_eq!(h.reply.as_ref().map(|r| r.0), Some(400));
+    }
+
+    #[test]
+    fn prefill_fallback_sends_the_plain_request_to_decode() {
+        let body = r#"{"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+        let (mut f, mut h, m, _) = start(split(PrefillFailure::Fallback), body, true);
+        answer_token(&mut f, &mut h, &m, 100, Some(500), "");
+        assert_eq!(
+            answer_token(&mut f, &mut h, &m, 101, Some(504), ""),
+            Verdict::Continue
+        );
+        assert_eq!((h.resumed, h.body.as_slice()), (1, body.as_bytes()));
+        assert!(h.reply.is_none());
+        f.on_response_headers(&mut h, &m);
+        assert_eq!(headers_of(&h)[HEADER_PREFILL], "fallback");
+        assert_eq!(m.counts.borrow()[Counter::PrefillFallbacks.name()], 1);
+        // A refused dispatch falls back at once, never paused.
+        let mut h = host("POST", "/v1/chat/completions", body);
+        h.refuse_dispatch = true;
+        let mut f = filter(split(PrefillFailure::Fallback));
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Continue);
+        assert_eq!((h.resumed, h.reply.is_none()), (0, true));
+        // ... or fails at once.
+        let mut h = host("POST", "/v1/chat/completions", body);
+        h.refuse_dispatch = true;
+        let mut f = filter(split(PrefillFailure::Fail));
+        f.on_request_headers(&mut h, &m, false);
+        assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Pause);
+        assert_eq!(h.reply.as_ref().map(|r| r.0), Some(502));
+    }
+
+    #[test]
+    fn split_counters_return_to_zero_on_every_path() {
+        use crate::core::encode::EncodeFanout;
+        let m = FakeMetrics::default();
+        for scenario in 0..48u32 {
+            let cfg = Config {
+                prefill_cluster: Some("prefill_cluster".into()),
+                prefill_failure: if scenario % 2 == 0 {
+                    PrefillFailure::Fail
+                } else {
+                    PrefillFailure::Fallback
+                },
+                policy: if scenario % 3 == 0 {
+                    PolicyKind::Dynamic
+                } else {
+                    PolicyKind::Static
+                },
+                ..epd(EncodeFailure::Fallback, EncodeFanout::PerRequest)
+            };
+            let mut h = host("POST", "/v1/chat/completions", TWO_IMAGES);
+            let mut f = filter(cfg);
+            f.on_request_headers(&mut h, &m, false);
+            f.on_request_body(&mut h, &m, TWO_IMAGES.len(), true);
+            // Answer every call in turn (encode, then prefill) with a
+            // scenario's status, and stop (client abort) after `abort_at`.
+            let abort_at = (scenario / 2) % 6;
+            let statuses = [Some(200), Some(503), None, Some(200), Some(200), Some(500)];
+            for (step, status) in statuses.into_iter().enumerate() {
+                if step as u32 >= abort_at {
+                    break;
+                }
+                let Some(token) = h.calls.last().map(|c| c.0) else {
+                    break;
+                };
+                answer_token(&mut f, &mut h, &m, token, status, KV_ANSWER);
+            }
+            f.on_done(&m);
+            f.on_done(&m);
+            assert_released(&m);
+        }
+    }
+
+    const MEDIA: &str = r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"listen"},
+        {"type":"input_audio","input_audio":{"data":"UklGRg==","format":"wav"}},
+        {"type":"video_url","video_url":{"url":"data:video/mp4;base64,AAAA"}}]}]}"#;
+
+    #[test]
+    fn audio_and_video_parts_go_to_the_encoder_and_pass_through() {
+        use crate::core::encode::EncodeFanout;
+        let cfg = Config {
+            prefill_cluster: Some("prefill_cluster".into()),
+            ..epd(EncodeFailure::Fallback, EncodeFanout::PerImage)
+        };
+        let (mut f, mut h, m, v) = start(cfg, MEDIA, true);
+        assert_eq!(v, Verdict::Pause, "no image, still the encode path");
+        assert_eq!(h.calls.len(), 2);
+        let parts: Vec<serde_json::Value> = h
+            .calls
+            .iter()
+            .map(|c| {
+                serde_json::from_slice::<serde_json::Value>(&c.3).expect("json")["messages"][0]["content"][0]
+                    .clone()
+            })
+            .collect();
+        assert_eq!(parts[0]["input_audio"]["data"], "UklGRg==");
+        assert_eq!(parts[1]["video_url"]["url"], "data:video/mp4;base64,AAAA");
+        answer_token(&mut f, &mut h, &m, 100, Some(200), "{}");
+        answer_token(&mut f, &mut h, &m, 101, Some(200), "{}");
+        assert_eq!(h.calls.len(), 3, "then the prefill");
+        assert_eq!(h.calls[2].1, "prefill_cluster");
+        answer_token(&mut f, &mut h, &m, 102, Some(200), "{}");
+        assert_eq!((h.resumed, h.body.as_slice()), (1, MEDIA.as_bytes()));
+        f.on_response_headers(&mut h, &m);
+        let hv = headers_of(&h);
+        assert_eq!((hv[HEADER_AUDIO].as_str(), hv[HEADER_VIDEO].as_str()), ("1", "1"));
+        assert_eq!(
+            (hv[HEADER_IMAGES].as_str(), hv[HEADER_ENCODE].as_str()),
+            ("0", "ok")
+        );
+        let c = m.counts.borrow().clone();
+        assert_eq!(
+            (c[Counter::AudioParts.name()], c[Counter::VideoParts.name()]),
+            (1, 1)
+        );
+        f.on_done(&m);
+        assert_released(&m);
+        // Nothing predicted, nothing calibrated.
+        assert_eq!(m.state().calibration_samples, 0);
+        // Without an encoder they are only counted.
+        let (_, h, m, v) = start(Config::default(), MEDIA, true);
+        assert_eq!((v, h.calls.len()), (Verdict::Continue, 0));
+        assert_eq!(m.counts.borrow()[Counter::AudioParts.name()], 1);
     }
 }

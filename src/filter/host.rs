@@ -3,7 +3,7 @@
 use crate::core::residual::{Margin, ResidualHistogram};
 use crate::core::traffic::{ClusterSignal, TrafficState};
 
-/// An HTTP call to the encode cluster.
+/// An HTTP call to the encode or the prefill cluster.
 #[derive(Debug, Clone, Copy)]
 pub struct EncodeCall<'a> {
     pub cluster: &'a str,
@@ -127,10 +127,23 @@ pub enum Counter {
     TranscodeOffloads,
     /// Images the filter shrank itself after the service failed.
     TranscodeFallbacks,
+    /// Prefill calls dispatched (retries included).
+    PrefillCalls,
+    /// Prefill calls retried.
+    PrefillRetries,
+    /// Requests whose prefill call failed after the retries.
+    PrefillFailures,
+    /// Requests sent to decode as plain requests after a prefill failure
+    /// (`fallback`).
+    PrefillFallbacks,
+    /// Audio parts (`audio_url`, `input_audio`) of inspected requests.
+    AudioParts,
+    /// Video parts (`video_url`) of inspected requests.
+    VideoParts,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 14] = [
+    pub const ALL: [Counter; 20] = [
         Counter::Requests,
         Counter::ImagesResized,
         Counter::ImagesPassed,
@@ -145,6 +158,12 @@ impl Counter {
         Counter::SloMisses,
         Counter::TranscodeOffloads,
         Counter::TranscodeFallbacks,
+        Counter::PrefillCalls,
+        Counter::PrefillRetries,
+        Counter::PrefillFailures,
+        Counter::PrefillFallbacks,
+        Counter::AudioParts,
+        Counter::VideoParts,
     ];
 
     /// Stat name (Envoy shows it as `wasmcustom.<name>`).
@@ -164,6 +183,12 @@ impl Counter {
             Self::SloMisses => "vlm_budget_slo_misses_total",
             Self::TranscodeOffloads => "vlm_budget_transcode_offloads_total",
             Self::TranscodeFallbacks => "vlm_budget_transcode_fallbacks_total",
+            Self::PrefillCalls => "vlm_budget_prefill_calls_total",
+            Self::PrefillRetries => "vlm_budget_prefill_retries_total",
+            Self::PrefillFailures => "vlm_budget_prefill_failures_total",
+            Self::PrefillFallbacks => "vlm_budget_prefill_fallbacks_total",
+            Self::AudioParts => "vlm_budget_audio_parts_total",
+            Self::VideoParts => "vlm_budget_video_parts_total",
         }
     }
 }

@@ -100,7 +100,7 @@ impl Context for Http {
             return;
         }
         self.filter
-            .on_encode_response(&mut self.host, self.services.as_ref(), token, status);
+            .on_call_response(&mut self.host, self.services.as_ref(), token, status, body);
     }
 
     fn on_done(&mut self) -> bool {

@@ -27,6 +27,7 @@ KUSTOMIZATIONS = [
     "kubernetes/namespace",
     "kubernetes/base",
     "kubernetes/vllm",
+    "kubernetes/vllm-1e1p1d",
     "kubernetes/overlays/vanilla",
     "kubernetes/overlays/static",
     "kubernetes/overlays/dynamic",

@@ -285,6 +285,34 @@ def test_vllm_deployments_share_the_encoder_cache(rendered):
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]
 
 
+def test_vllm_1e1p1d_hands_the_kv_cache_from_prefill_to_decode(rendered):
+    docs = rendered["kubernetes/vllm-1e1p1d"]
+    deployments = {d["metadata"]["name"] for d in find(docs, "Deployment")}
+    assert deployments == {"vllm-encode", "vllm-prefill", "vllm-decode"}, "vllm-pd replaced"
+    assert "vllm-pd" not in services(docs) and "vllm-pd-headless" not in services(docs)
+    roles = {}
+    for name in sorted(deployments):
+        pod = one(docs, "Deployment", name)["spec"]["template"]
+        c = pod["spec"]["containers"][0]
+        args = c["args"]
+        ec = json.loads(args[args.index("--ec-transfer-config") + 1])
+        kv = json.loads(args[args.index("--kv-transfer-config") + 1]) if "--kv-transfer-config" in args else {}
+        roles[name] = (ec["ec_role"], kv.get("kv_connector"), kv.get("kv_role"))
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        vols = {v["name"]: v for v in pod["spec"]["volumes"]}
+        path = ec["ec_connector_extra_config"]["shared_storage_path"]
+        assert vols[mounts[path]]["persistentVolumeClaim"]["claimName"] == "vllm-ec-cache"
+        env = {e["name"]: e for e in c.get("env", [])}
+        if kv:
+            assert env["VLLM_NIXL_SIDE_CHANNEL_HOST"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+            assert int(env["VLLM_NIXL_SIDE_CHANNEL_PORT"]["value"]) > 0
+        svc = services(docs)[name]
+        assert svc["spec"]["selector"] == pod["metadata"]["labels"]
+    assert roles == {"vllm-encode": ("ec_producer", None, None),
+                     "vllm-prefill": ("ec_consumer", "NixlConnector", "kv_producer"),
+                     "vllm-decode": ("ec_consumer", "NixlConnector", "kv_consumer")}
+
+
 def test_schemas_name_their_sources():
     for (gv, kind), schema in SCHEMAS.items():
         assert schema["$comment"].startswith("Written for this repository from"), kind

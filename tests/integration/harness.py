@@ -75,6 +75,8 @@ class Recorder:
         # Behaviour knobs for fault tests.
         self.delay_s = 0.0
         self.status = 200
+        # A fixed JSON answer instead of the default one.
+        self.reply: bytes | None = None
 
         self.lock = threading.Lock()
         recorder = self
@@ -108,7 +110,8 @@ class Recorder:
                 if recorder.delay_s:
                     time.sleep(recorder.delay_s)
                 record["answered_at"] = time.monotonic()
-                reply = json.dumps({"object": "chat.completion", "received_bytes": len(body)}).encode()
+                reply = recorder.reply or json.dumps(
+                    {"object": "chat.completion", "received_bytes": len(body)}).encode()
                 self.send_response(recorder.status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(reply)))
@@ -324,27 +327,34 @@ EMULATOR = ROOT / "target/release/vlm-emulator"
 
 
 class Emulator:
-    """The backend emulator (tools/emulator): encode and PD roles in one process."""
+    """The backend emulator (tools/emulator): encode and PD roles in one process
+    (`split=True`: encode, prefill and decode, decode on the PD port)."""
 
     def __init__(self, workdir: pathlib.Path, *args: str, encode_port: int | None = None,
-                 pd_port: int | None = None):
+                 pd_port: int | None = None, split: bool = False, prefill_port: int | None = None):
         if not EMULATOR.exists():
             raise RuntimeError(f"{EMULATOR} missing: run `make emulator`")
         self.encode_port = encode_port or free_port()
         self.pd_port = pd_port or free_port()
+        self.prefill_port = (prefill_port or free_port()) if split else None
         self.encode = f"http://127.0.0.1:{self.encode_port}"
         self.pd = f"http://127.0.0.1:{self.pd_port}"
+        self.prefill = f"http://127.0.0.1:{self.prefill_port}" if split else None
         self.log_path = workdir / f"emulator-{self.pd_port}.log"
         self.log = open(self.log_path, "wb")
+        roles = ["--role", "split", "--prefill-port", str(self.prefill_port)] if split else ["--role", "both"]
         self.proc = subprocess.Popen(
-            [str(EMULATOR), "--role", "both", "--encode-port", str(self.encode_port),
+            [str(EMULATOR), *roles, "--encode-port", str(self.encode_port),
              "--pd-port", str(self.pd_port), *args],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready()
 
+    def base(self, role: str) -> str:
+        return {"encode": self.encode, "prefill": self.prefill}.get(role) or self.pd
+
     def wait_ready(self, timeout=10.0):
         deadline = time.time() + timeout
-        for base in (self.encode, self.pd):
+        for base in (self.encode, self.pd, *([self.prefill] if self.prefill else [])):
             while True:
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"emulator exited: {self.log_path.read_text()}")
@@ -371,10 +381,10 @@ class Emulator:
         self._json("DELETE", self.pd + "/debug/requests")
 
     def faults(self, role: str, **kw):
-        return self._json("POST", (self.encode if role == "encode" else self.pd) + "/debug/faults", kw)
+        return self._json("POST", self.base(role) + "/debug/faults", kw)
 
     def metrics(self, role: str) -> str:
-        with urllib.request.urlopen((self.encode if role == "encode" else self.pd) + "/metrics", timeout=5) as r:
+        with urllib.request.urlopen(self.base(role) + "/metrics", timeout=5) as r:
             return r.read().decode()
 
     def stop(self):

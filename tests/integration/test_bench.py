@@ -154,6 +154,27 @@ def test_bench_smoke_all_policies(vlm_bench, wasm, tmp_path):
         assert c in colours
 
 
+def test_bench_split_runs_1e1p1d(vlm_bench, wasm, tmp_path):
+    out = tmp_path / "out"
+    p = run([vlm_bench, "bench", "--split", "--out", str(out), "--pool-dir", str(tmp_path / "pool"),
+             "--log-dir", str(tmp_path / "logs"), "--peaks", "3", "--ramp-s", "0", "--hold-s", "2",
+             "--decay-s", "0", "--sizes", "512,2560", "--cooldown-s", "0", "--max-tokens", "8",
+             "--policies", "static,dynamic", "--emulator-arg=--jitter-sigma=0", "--seeds", "1", "--quiet"],
+            timeout=240)
+    assert "| peak-3 | dynamic |" in p.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert "1E1P1D" in results["backends"]["description"]
+    for r in results["runs"]:
+        assert r["plugin_config"]["prefill_cluster"] == "prefill_cluster"
+        assert r["requests"]
+        for q in r["requests"]:
+            assert q["status"] == 200 and q["error"] is None, q
+            assert q["output_tokens"] == 8
+            assert (q["headers"]["x-vlm-prefill"], q["headers"]["x-vlm-kv-transfer"]) == ("ok", "spliced")
+            assert q["headers"]["x-emulator-ec-cache"] == "none", "decode took the KV cache, no images"
+            assert float(q["headers"]["x-emulator-kv-transfer-ms"]) > 0
+
+
 def test_bench_against_running_backends_then_run_and_report(vlm_bench, wasm, emulator, tmp_path):
     emu = emulator("--jitter-sigma", "0", "--time-scale", "0.5")
     out = tmp_path / "ext"

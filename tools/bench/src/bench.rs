@@ -68,6 +68,9 @@ pub struct BenchOptions {
     pub wasm: PathBuf,
     pub envoy_concurrency: usize,
     pub backends: BackendMode,
+    /// 1E1P1D: the emulator's split roles (encode, prefill, decode) and the
+    /// filter's prefill cluster.
+    pub split: bool,
     pub restart: Restart,
     pub ready_timeout: Duration,
     pub request_timeout: Duration,
@@ -85,6 +88,19 @@ struct Backend {
     proc: Option<Proc>,
     encode: Url,
     pd: Url,
+    /// The prefill instance of a 1E1P1D run.
+    prefill: Option<Url>,
+}
+
+/// The plugin configuration of `policy` in this run.
+fn plugin_for(o: &BenchOptions, policy: &str) -> Result<Value> {
+    let mut overrides = if o.split {
+        envoy::split_overrides()
+    } else {
+        Vec::new()
+    };
+    overrides.extend(o.plugin_overrides.iter().cloned());
+    envoy::plugin_config(policy, o.slo_ms, o.static_budget, &overrides)
 }
 
 fn shape(o: &BenchOptions, peak: f64) -> Shape {
@@ -245,14 +261,22 @@ async fn start_backends(o: &BenchOptions, tag: &str) -> Result<Backend> {
     let b = match &o.backends {
         BackendMode::Emulator { binary, args } => {
             let (ep, pp) = (procs::free_port()?, procs::free_port()?);
+            let role = if o.split { "split" } else { "both" };
             let mut all = vec![
                 "--role".into(),
-                "both".into(),
+                role.into(),
                 "--encode-port".into(),
                 ep.to_string(),
                 "--pd-port".into(),
                 pp.to_string(),
             ];
+            let prefill = if o.split {
+                let port = procs::free_port()?;
+                all.extend(["--prefill-port".into(), port.to_string()]);
+                Some(Url::parse(&format!("http://127.0.0.1:{port}"))?)
+            } else {
+                None
+            };
             all.extend(args.iter().cloned());
             let log = o.log_dir.join(format!("emulator-{tag}.log"));
             let p = Proc::spawn("emulator", binary, &all, &log)?;
@@ -260,6 +284,7 @@ async fn start_backends(o: &BenchOptions, tag: &str) -> Result<Backend> {
                 proc: Some(p),
                 encode: Url::parse(&format!("http://127.0.0.1:{ep}"))?,
                 pd: Url::parse(&format!("http://127.0.0.1:{pp}"))?,
+                prefill,
             }
         }
         BackendMode::External { encode, pd, cmd } => {
@@ -275,10 +300,14 @@ async fn start_backends(o: &BenchOptions, tag: &str) -> Result<Backend> {
                 proc,
                 encode: encode.clone(),
                 pd: pd.clone(),
+                prefill: None,
             }
         }
     };
-    for url in [&b.encode, &b.pd] {
+    for url in [Some(&b.encode), Some(&b.pd), b.prefill.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         if let Err(e) = http::wait_ok(url, "/health", o.ready_timeout).await {
             let tail = b.proc.as_ref().map(|p| p.log_tail(2000)).unwrap_or_default();
             return Err(BenchError::Process(format!("backends not ready: {e}\n{tail}")));
@@ -289,7 +318,15 @@ async fn start_backends(o: &BenchOptions, tag: &str) -> Result<Backend> {
 
 async fn start_envoy(o: &BenchOptions, b: &Backend, plugin: &Value, tag: &str) -> Result<(Proc, Url)> {
     let (listen, admin) = (procs::free_port()?, procs::free_port()?);
-    let cfg = envoy::config(listen, admin, &o.wasm, plugin, &b.pd, &b.encode);
+    let cfg = envoy::config(
+        listen,
+        admin,
+        &o.wasm,
+        plugin,
+        &b.pd,
+        &b.encode,
+        b.prefill.as_ref(),
+    );
     let path = o.log_dir.join(format!("envoy-{tag}.json"));
     std::fs::write(&path, cfg.to_string()).map_err(|e| BenchError::io(&path, e))?;
     let args: Vec<String> = vec![
@@ -361,7 +398,12 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
         std::fs::create_dir_all(dir).map_err(|e| BenchError::io(dir, e))?;
     }
     for p in &o.policies {
-        envoy::plugin_config(p, o.slo_ms, o.static_budget, &o.plugin_overrides)?;
+        plugin_for(o, p)?;
+    }
+    if o.split && !matches!(o.backends, BackendMode::Emulator { .. }) {
+        return Err(BenchError::Usage(
+            "--split runs on the emulator's split roles (no external backends)".into(),
+        ));
     }
     if !o.envoy.is_file() {
         return Err(BenchError::Usage(format!(
@@ -456,9 +498,21 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
         BackendMode::Emulator { binary, args } => Backends {
             emulated: true,
             description: format!(
-                "`{}` (one process: an encode instance and a prefill/decode instance on 127.0.0.1, one emulated H100 each; restarted {})",
-                std::iter::once(binary.display().to_string()).chain(args.iter().cloned()).collect::<Vec<_>>().join(" "),
-                if o.restart == Restart::PerRun { "before every run" } else { "before each policy" }
+                "`{}` (one process: {} on 127.0.0.1, one emulated H100 each; restarted {})",
+                std::iter::once(binary.display().to_string())
+                    .chain(args.iter().cloned())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                if o.split {
+                    "1E1P1D, an encode, a prefill and a decode instance (--role split, vLLM's KV-transfer handshake)"
+                } else {
+                    "an encode instance and a prefill/decode instance"
+                },
+                if o.restart == Restart::PerRun {
+                    "before every run"
+                } else {
+                    "before each policy"
+                }
             ),
             encode_url: None,
             pd_url: None,
@@ -467,7 +521,9 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
             emulated: false,
             description: format!(
                 "encode {encode}, prefill/decode {pd}{}",
-                cmd.as_ref().map(|c| format!(", started with `{c}`")).unwrap_or_default()
+                cmd.as_ref()
+                    .map(|c| format!(", started with `{c}`"))
+                    .unwrap_or_default()
             ),
             encode_url: Some(encode.to_string()),
             pd_url: Some(pd.to_string()),
@@ -510,7 +566,7 @@ pub async fn run(o: &BenchOptions) -> Result<report::Written> {
         let b = backend
             .as_ref()
             .ok_or_else(|| BenchError::Process("no backends".into()))?;
-        let plugin = envoy::plugin_config(policy, o.slo_ms, o.static_budget, &o.plugin_overrides)?;
+        let plugin = plugin_for(o, policy)?;
         let (mut envoy_proc, url) = start_envoy(o, b, &plugin, &tag).await?;
         if o.progress {
             eprintln!(
@@ -628,6 +684,7 @@ mod tests {
                 binary: "emu".into(),
                 args: Vec::new(),
             },
+            split: false,
             restart: Restart::PerRun,
             ready_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),

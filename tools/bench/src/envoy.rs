@@ -51,6 +51,20 @@ pub fn plugin_config(
     Ok(cfg)
 }
 
+/// The plugin settings of a 1E1P1D run: the prefill cluster, whose
+/// backlog is polled instead of decode's.
+pub fn split_overrides() -> Vec<(String, Value)> {
+    [
+        ("prefill_cluster", "prefill_cluster"),
+        ("prefill_authority", "vlm-prefill"),
+        ("pd_metrics_cluster", "prefill_cluster"),
+        ("pd_metrics_authority", "vlm-prefill"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), Value::from(v)))
+    .collect()
+}
+
 fn set_dotted(cfg: &mut Value, key: &str, value: Value) -> Result<()> {
     let mut node = cfg;
     let parts: Vec<&str> = key.split('.').collect();
@@ -108,8 +122,13 @@ pub fn config(
     plugin: &Value,
     pd: &Url,
     encode: &Url,
+    prefill: Option<&Url>,
 ) -> Value {
     let plugin_text = plugin.to_string();
+    let mut clusters = vec![cluster("pd_cluster", pd), cluster("encode_cluster", encode)];
+    if let Some(url) = prefill {
+        clusters.push(cluster("prefill_cluster", url));
+    }
     json!({
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
         "static_resources": {
@@ -167,7 +186,7 @@ pub fn config(
                     }
                 }]}]
             }],
-            "clusters": [cluster("pd_cluster", pd), cluster("encode_cluster", encode)]
+            "clusters": clusters
         }
     })
 }
@@ -215,7 +234,7 @@ mod tests {
         let pd = Url::parse("http://127.0.0.1:8200").unwrap();
         let enc = Url::parse("http://gpu-a:8100").unwrap();
         let plugin = plugin_config("static", 1000.0, 4096, &[]).unwrap();
-        let c = config(10000, 9901, Path::new("/m.wasm"), &plugin, &pd, &enc);
+        let c = config(10000, 9901, Path::new("/m.wasm"), &plugin, &pd, &enc, None);
         let clusters = c["static_resources"]["clusters"].as_array().unwrap();
         assert_eq!(clusters[0]["type"], "STATIC");
         assert_eq!(clusters[1]["type"], "STRICT_DNS");
@@ -226,5 +245,24 @@ mod tests {
         let inner: Value = serde_json::from_str(wasm["configuration"]["value"].as_str().unwrap()).unwrap();
         assert_eq!(inner, plugin);
         assert_eq!(wasm["vm_config"]["code"]["local"]["filename"], "/m.wasm");
+        assert_eq!(clusters.len(), 2);
+    }
+
+    #[test]
+    fn a_split_run_adds_the_prefill_cluster() {
+        let pd = Url::parse("http://127.0.0.1:8200").unwrap();
+        let enc = Url::parse("http://127.0.0.1:8100").unwrap();
+        let pre = Url::parse("http://127.0.0.1:8300").unwrap();
+        for p in POLICIES {
+            let plugin = plugin_config(p, 1000.0, 4096, &split_overrides()).unwrap();
+            assert_eq!(plugin["prefill_cluster"], "prefill_cluster");
+            assert_eq!(plugin["pd_metrics_cluster"], "prefill_cluster");
+            let c = config(10000, 9901, Path::new("/m.wasm"), &plugin, &pd, &enc, Some(&pre));
+            let clusters = c["static_resources"]["clusters"].as_array().unwrap();
+            assert_eq!(clusters[2]["name"], "prefill_cluster");
+            let addr =
+                &clusters[2]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"];
+            assert_eq!(addr["socket_address"]["port_value"], 8300);
+        }
     }
 }

@@ -210,7 +210,7 @@ const PROFILE_FLAGS: [Flag; 17] = [
     switch("quiet", "no progress on stderr"),
 ];
 
-const BENCH_FLAGS: [Flag; 39] = [
+const BENCH_FLAGS: [Flag; 40] = [
     opt(
         "out",
         "DIR",
@@ -299,6 +299,10 @@ const BENCH_FLAGS: [Flag; 39] = [
         "emulator-arg",
         "ARG",
         "extra emulator flag, e.g. --emulator-arg=--jitter-sigma=0",
+    ),
+    switch(
+        "split",
+        "1E1P1D: the emulator's encode, prefill and decode roles, the filter's prefill_cluster",
     ),
     switch(
         "no-start-backends",
@@ -672,6 +676,7 @@ fn cmd_bench(a: &Args, command: Vec<String>) -> Result<()> {
         wasm: a.path("wasm")?,
         envoy_concurrency: a.num("envoy-concurrency")?,
         backends,
+        split: a.switch("split"),
         restart,
         ready_timeout: secs(a, "ready-timeout-s")?,
         request_timeout: secs(a, "request-timeout-s")?,

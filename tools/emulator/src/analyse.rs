@@ -46,6 +46,19 @@ pub struct Params {
     pub max_completion_tokens: Option<u64>,
     pub stream: Option<bool>,
     stream_options: Option<StreamOptions>,
+    /// vLLM's KV-transfer handshake (prefill/decode split).
+    pub kv_transfer_params: Option<KvParams>,
+}
+
+/// The `kv_transfer_params` fields the emulator reads (others ignored).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct KvParams {
+    /// Set by the proxy on the request for the prefill instance.
+    pub do_remote_decode: Option<bool>,
+    /// Set by the prefill instance on the params decode gets.
+    pub do_remote_prefill: Option<bool>,
+    /// The emulator's name of a KV transfer (its prefill answers with one).
+    pub transfer_id: Option<String>,
 }
 
 impl Params {
@@ -56,6 +69,22 @@ impl Params {
 
     pub fn stream(&self) -> bool {
         self.stream.unwrap_or(false)
+    }
+
+    /// The request opens a KV transfer (to be prefilled for a remote decode).
+    pub fn remote_decode(&self) -> bool {
+        self.kv_transfer_params
+            .as_ref()
+            .and_then(|k| k.do_remote_decode)
+            .unwrap_or(false)
+    }
+
+    /// The request brings a prefilled KV cache: the transfer it names.
+    pub fn remote_prefill(&self) -> Option<Option<&str>> {
+        let kv = self.kv_transfer_params.as_ref()?;
+        kv.do_remote_prefill
+            .unwrap_or(false)
+            .then_some(kv.transfer_id.as_deref())
     }
 
     pub fn include_usage(&self) -> bool {

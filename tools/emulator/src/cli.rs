@@ -14,6 +14,16 @@ pub enum Role {
     Pd,
     /// Both, on two ports, sharing the encoder cache in memory.
     Both,
+    /// The prefill instance of a prefill/decode split: prefills requests
+    /// that open vLLM's KV-transfer handshake and answers with the
+    /// `kv_transfer_params` decode needs.
+    Prefill,
+    /// The decode instance of a split: takes a prefilled request's KV
+    /// cache (refusing transfer ids it does not know), then decodes.
+    Decode,
+    /// Encode, prefill and decode on three ports, sharing the encoder cache
+    /// and the KV transfers in memory.
+    Split,
 }
 
 impl Role {
@@ -22,16 +32,30 @@ impl Role {
             "encode" => Some(Self::Encode),
             "pd" => Some(Self::Pd),
             "both" => Some(Self::Both),
+            "prefill" => Some(Self::Prefill),
+            "decode" => Some(Self::Decode),
+            "split" => Some(Self::Split),
             _ => None,
         }
     }
 
     pub fn has_encode(self) -> bool {
-        matches!(self, Self::Encode | Self::Both)
+        matches!(self, Self::Encode | Self::Both | Self::Split)
     }
 
+    /// Whether an instance listens on `--pd-port` (prefill/decode, or the
+    /// decode instance of a split).
     pub fn has_pd(self) -> bool {
-        matches!(self, Self::Pd | Self::Both)
+        matches!(self, Self::Pd | Self::Both | Self::Decode | Self::Split)
+    }
+
+    /// Whether the `--pd-port` instance is a split's decode instance.
+    pub fn pd_is_decode(self) -> bool {
+        matches!(self, Self::Decode | Self::Split)
+    }
+
+    pub fn has_prefill(self) -> bool {
+        matches!(self, Self::Prefill | Self::Split)
     }
 }
 
@@ -68,6 +92,13 @@ pub struct Config {
     pub host: String,
     pub encode_port: u16,
     pub pd_port: u16,
+    /// Port of the prefill instance of a split.
+    pub prefill_port: u16,
+    /// Shared KV-transfer directory for prefill and decode in separate
+    /// processes (one empty file per transfer id).
+    pub kv_transfer_dir: Option<PathBuf>,
+    /// KV-transfer time charged by decode per 1,000 prompt tokens.
+    pub kv_transfer_ms_per_ktoken: f64,
     /// Served model name (`/v1/models`, the `model_name` metric label).
     pub model: String,
     /// Shared encoder-cache directory (one empty file per image hash).
@@ -117,6 +148,9 @@ impl Default for Config {
             host: "127.0.0.1".into(),
             encode_port: 8100,
             pd_port: 8200,
+            prefill_port: 8300,
+            kv_transfer_dir: None,
+            kv_transfer_ms_per_ktoken: 1.5,
             model: "Qwen/Qwen2.5-VL-3B-Instruct".into(),
             ec_cache_dir: None,
             latency_data: None,
@@ -180,10 +214,17 @@ deployment of Qwen2.5-VL-3B, timed from H100 measurements (not a GPU).
 USAGE: vlm-emulator [FLAGS]
 
 Roles and addresses:
-  --role encode|pd|both            instance(s) to serve [both]
+  --role encode|pd|both|prefill|decode|split
+                                   instance(s) to serve; split: encode,
+                                   prefill and decode (on --pd-port) [both]
   --host ADDR                      listen address [127.0.0.1]
   --encode-port PORT               encode instance port, 0 = any free port [8100]
   --pd-port PORT                   prefill/decode instance port, 0 = any [8200]
+  --prefill-port PORT              prefill instance port of a split [8300]
+  --kv-transfer-dir DIR            shared KV-transfer directory (prefill and
+                                   decode in separate processes)
+  --kv-transfer-ms-per-ktoken MS   KV-transfer time at decode per 1,000
+                                   prompt tokens [1.5]
   --model NAME                     served model name [Qwen/Qwen2.5-VL-3B-Instruct]
   --ec-cache-dir DIR               shared encoder-cache directory (separate
                                    processes); default: in-process map
@@ -263,6 +304,9 @@ where
             "--host" => c.host = text(&flag, value)?,
             "--encode-port" => c.encode_port = num(&flag, value)?,
             "--pd-port" => c.pd_port = num(&flag, value)?,
+            "--prefill-port" => c.prefill_port = num(&flag, value)?,
+            "--kv-transfer-dir" => c.kv_transfer_dir = Some(PathBuf::from(value)),
+            "--kv-transfer-ms-per-ktoken" => c.kv_transfer_ms_per_ktoken = num(&flag, value)?,
             "--model" => c.model = text(&flag, value)?,
             "--ec-cache-dir" => c.ec_cache_dir = Some(PathBuf::from(value)),
             "--latency-data" => c.latency_data = Some(PathBuf::from(value)),
@@ -336,6 +380,7 @@ impl Config {
             ("--decode-step-ms", self.decode_step_ms),
             ("--decode-step-ms-per-request", self.decode_step_ms_per_request),
             ("--decode-ms-per-token", self.decode_ms_per_token),
+            ("--kv-transfer-ms-per-ktoken", self.kv_transfer_ms_per_ktoken),
         ];
         for (flag, v) in non_negative {
             if !(v.is_finite() && v >= 0.0) {
@@ -369,6 +414,18 @@ impl Config {
         }
         if self.role == Role::Both && self.encode_port == self.pd_port && self.encode_port != 0 {
             return Err(CliError("--encode-port and --pd-port must differ".into()));
+        }
+        if self.role == Role::Split {
+            let ports = [self.encode_port, self.prefill_port, self.pd_port];
+            let clash = ports
+                .iter()
+                .enumerate()
+                .any(|(i, p)| *p != 0 && ports[..i].contains(p));
+            if clash {
+                return Err(CliError(
+                    "--encode-port, --prefill-port and --pd-port must differ".into(),
+                ));
+            }
         }
         Ok(())
     }
@@ -519,7 +576,9 @@ mod tests {
     #[test]
     fn rejects_bad_values() {
         for args in [
-            &["--role", "prefill"][..],
+            &["--role", "prefilling"][..],
+            &["--role", "split", "--prefill-port", "8100"],
+            &["--kv-transfer-ms-per-ktoken", "-1"],
             &["--time-scale", "0"],
             &["--speed-factor", "-1"],
             &["--jitter-sigma", "nan"],

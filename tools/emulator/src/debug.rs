@@ -38,6 +38,9 @@ pub struct LogEntry {
     pub ttft_ms: Option<f64>,
     /// Emulated milliseconds to the last byte (successful requests).
     pub e2e_ms: Option<f64>,
+    /// The KV transfer a split's prefill instance opened for the request,
+    /// or the one its decode instance took.
+    pub kv_transfer: Option<String>,
 }
 
 /// The log, bounded (oldest entries dropped first).
@@ -165,6 +168,7 @@ mod tests {
             completion_tokens: 3,
             ttft_ms: Some(1.5),
             e2e_ms: Some(2.5),
+            kv_transfer: None,
         }
     }
 

@@ -52,8 +52,12 @@ fn main() -> ExitCode {
             }
         };
         let url = |a: Option<std::net::SocketAddr>| a.map_or("-".to_string(), |a| format!("http://{a}"));
+        let prefill = match running.prefill_addr {
+            Some(a) => format!(" prefill http://{a}"),
+            None => String::new(),
+        };
         println!(
-            "vlm-emulator listening: encode {} pd {} ({summary}; {cache}; ready in {:.1} ms)",
+            "vlm-emulator listening: encode {} pd {}{prefill} ({summary}; {cache}; ready in {:.1} ms)",
             url(running.encode_addr),
             url(running.pd_addr),
             t0.elapsed().as_secs_f64() * 1000.0

@@ -125,6 +125,10 @@ pub struct PrefillJob {
     /// (encoder-cache key, visual tokens) per image.
     pub images: Vec<(u128, u64)>,
     pub prompt_tokens: u64,
+    /// The prompt's KV cache came from a prefill instance (a split's
+    /// decode): no encoder, no prefill, only the step that makes the first
+    /// token.
+    pub remote_kv: bool,
     /// Decode steps after the first token, on the GPU that prefilled it.
     pub decoder: Option<Decoder>,
     pub started: Option<oneshot::Sender<()>>,
@@ -221,6 +225,18 @@ async fn gpu(
 async fn prefill(mut job: PrefillJob, id: u64, time: &TimeModel, cache: &EcCache) -> Option<Decoder> {
     if let Some(s) = job.started.take() {
         let _ = s.send(());
+    }
+    if job.remote_kv {
+        let step_ms = time.decode_step_ms(1, id);
+        tokio::time::sleep(time.wall(step_ms)).await;
+        job.done
+            .send(PrefillDone {
+                hits: Vec::new(),
+                encode_ms: 0.0,
+                prefill_ms: step_ms,
+            })
+            .ok()?;
+        return job.decoder;
     }
     let hits: Vec<bool> = job.images.iter().map(|&(k, _)| cache.contains(k)).collect();
     let misses: Vec<u64> = job

@@ -67,6 +67,7 @@ fn submit(pool: &PrefillPool, prompt: u64, output: u64, read: usize) -> JoinHand
     pool.submit(PrefillJob {
         images: Vec::new(),
         prompt_tokens: prompt,
+        remote_kv: false,
         decoder,
         started: Some(started_tx),
         done: done_tx,

@@ -35,6 +35,10 @@ const STREAM_PD_DECODE: u64 = 4;
 pub enum RoleKind {
     Encode,
     Pd,
+    /// The prefill instance of a prefill/decode split.
+    Prefill,
+    /// The decode instance of a split.
+    Decode,
 }
 
 impl RoleKind {
@@ -42,6 +46,8 @@ impl RoleKind {
         match self {
             Self::Encode => "encode",
             Self::Pd => "pd",
+            Self::Prefill => "prefill",
+            Self::Decode => "decode",
         }
     }
 }
@@ -117,7 +123,7 @@ impl TimeModel {
     pub fn preprocess_ms(&self, role: RoleKind, pixels: u64) -> f64 {
         let rate = match role {
             RoleKind::Encode => self.encode_preprocess_ms_per_mpixel,
-            RoleKind::Pd => self.pd_preprocess_ms_per_mpixel,
+            RoleKind::Pd | RoleKind::Prefill | RoleKind::Decode => self.pd_preprocess_ms_per_mpixel,
         };
         rate * pixels as f64 / 1e6
     }

@@ -69,6 +69,8 @@ struct Shared {
     time: Arc<TimeModel>,
     limits: Limits,
     cache: Arc<EcCache>,
+    /// KV transfers a split's prefill instance has opened (transfer ids).
+    transfers: Arc<EcCache>,
     log: DebugLog,
     started: Instant,
     started_unix: u64,
@@ -94,6 +96,8 @@ struct Instance {
 pub struct Running {
     pub encode_addr: Option<SocketAddr>,
     pub pd_addr: Option<SocketAddr>,
+    /// The prefill instance of a split.
+    pub prefill_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -156,6 +160,10 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Some(dir) => EcCache::dir(dir).map_err(StartError::Cache)?,
         None => EcCache::memory(),
     });
+    let transfers = Arc::new(match &config.kv_transfer_dir {
+        Some(dir) => EcCache::dir(dir).map_err(StartError::Cache)?,
+        None => EcCache::memory(),
+    });
     let rule = SizingRule {
         min_pixels: config.min_pixels,
         max_pixels: config.max_pixels,
@@ -182,11 +190,20 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         true => Some(bind(config.pd_port).await?),
         false => None,
     };
+    let prefill_listener = match config.role.has_prefill() {
+        true => Some(bind(config.prefill_port).await?),
+        false => None,
+    };
+    let pd_kind = match config.role.pd_is_decode() {
+        true => RoleKind::Decode,
+        false => RoleKind::Pd,
+    };
     let shared = Arc::new(Shared {
         log: DebugLog::new(config.debug_log_capacity),
         time: time.clone(),
         limits,
         cache: cache.clone(),
+        transfers,
         started: Instant::now(),
         started_unix: unix_now(),
         requests: AtomicU64::new(0),
@@ -195,6 +212,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let mut running = Running {
         encode_addr: None,
         pd_addr: None,
+        prefill_addr: None,
         tasks: Vec::new(),
     };
     if let Some(listener) = encode_listener {
@@ -216,7 +234,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         let (pool, tasks) = PrefillPool::spawn(shared.config.pd_gpus, time.clone(), cache.clone());
         running.tasks.extend(tasks);
         running.pd_addr = listener.local_addr().ok();
-        let inst = Arc::new(Instance::new(RoleKind::Pd, shared.clone(), Engine::Pd(pool)));
+        let inst = Arc::new(Instance::new(pd_kind, shared.clone(), Engine::Pd(pool)));
+        running.tasks.push(tokio::spawn(accept_loop(listener, inst)));
+    }
+    if let Some(listener) = prefill_listener {
+        let (pool, tasks) = PrefillPool::spawn(shared.config.pd_gpus, time.clone(), cache.clone());
+        running.tasks.extend(tasks);
+        running.prefill_addr = listener.local_addr().ok();
+        let inst = Arc::new(Instance::new(RoleKind::Prefill, shared.clone(), Engine::Pd(pool)));
         running.tasks.push(tokio::spawn(accept_loop(listener, inst)));
     }
     Ok(running)
@@ -384,6 +409,8 @@ struct Stats {
     queue_ms: f64,
     encode_ms: f64,
     prefill_ms: f64,
+    /// Decode of a split: the prefilled KV cache's transfer.
+    kv_transfer_ms: f64,
     ttft_ms: f64,
 }
 
@@ -428,6 +455,8 @@ struct Served {
     pace: Pace,
     /// Held until the last token.
     running: Option<GaugeGuard>,
+    /// The KV transfer this request took (a split's decode).
+    kv_transfer: Option<String>,
 }
 
 fn fmt_ms(ms: f64) -> String {
@@ -459,6 +488,9 @@ impl Instance {
         set_header(resp, "x-emulator-encode-ms", &fmt_ms(stats.encode_ms));
         set_header(resp, "x-emulator-prefill-ms", &fmt_ms(stats.prefill_ms));
         set_header(resp, "x-emulator-ttft-ms", &fmt_ms(stats.ttft_ms));
+        if self.role == RoleKind::Decode {
+            set_header(resp, "x-emulator-kv-transfer-ms", &fmt_ms(stats.kv_transfer_ms));
+        }
     }
 
     fn log_entry(&self, request_id: Option<String>, arrival: Instant, status: u16) -> LogEntry {
@@ -478,6 +510,7 @@ impl Instance {
             completion_tokens: 0,
             ttft_ms: None,
             e2e_ms: None,
+            kv_transfer: None,
         }
     }
 
@@ -547,6 +580,24 @@ impl Instance {
                 ))
             }
         };
+        // A split's decode takes only a KV cache it knows of: a transfer id
+        // the prefill instance never opened is refused before any work.
+        let transfer = match (self.role, analysis.params.remote_prefill()) {
+            (RoleKind::Decode, Some(id)) => match self.known_transfer(id) {
+                Some(id) => Some(id),
+                None => {
+                    let e = ApiError::bad_request(
+                        "unknown_kv_transfer",
+                        format!(
+                            "no KV transfer {:?} was prefilled for this instance",
+                            id.unwrap_or("")
+                        ),
+                    );
+                    return Err((e, Some(analysis)));
+                }
+            },
+            _ => None,
+        };
         let time = &self.shared.time;
         // Preprocessing: the modelled CPU time from the moment the whole body
         // is here (a server cannot preprocess images it has not received,
@@ -563,17 +614,22 @@ impl Instance {
         let config = &self.shared.config;
         let (output_tokens, finish) = match self.role {
             RoleKind::Encode => (1, FinishReason::Length),
-            RoleKind::Pd => match analysis.params.requested_max_tokens() {
-                Some(n) => (n.min(config.max_output_tokens), FinishReason::Length),
-                None => (
-                    config.default_output_tokens.min(config.max_output_tokens),
-                    FinishReason::Stop,
-                ),
-            },
+            RoleKind::Pd | RoleKind::Prefill | RoleKind::Decode => {
+                match analysis.params.requested_max_tokens() {
+                    Some(n) => (n.min(config.max_output_tokens), FinishReason::Length),
+                    None => (
+                        config.default_output_tokens.min(config.max_output_tokens),
+                        FinishReason::Stop,
+                    ),
+                }
+            }
         };
         let outcome = match &self.engine {
             Engine::Encode(pool) => self.encode(pool, &analysis, &mut stats).await,
-            Engine::Pd(pool) => self.prefill(pool, &analysis, output_tokens, &mut stats).await,
+            Engine::Pd(pool) => {
+                self.prefill(pool, &analysis, output_tokens, transfer.is_some(), &mut stats)
+                    .await
+            }
         };
         let (running, pace) = match outcome {
             Ok(r) => r,
@@ -589,7 +645,14 @@ impl Instance {
             finish,
             pace,
             running,
+            kv_transfer: transfer,
         })
+    }
+
+    /// The transfer named, if the prefill instance opened it.
+    fn known_transfer(&self, id: Option<&str>) -> Option<String> {
+        let key = u128::from_str_radix(id?, 16).ok()?;
+        self.shared.transfers.contains(key).then(|| format!("{key:032x}"))
     }
 
     /// The encode role: encoder-cache lookups, then the images the cache
@@ -666,9 +729,17 @@ impl Instance {
         pool: &PrefillPool,
         analysis: &Analysis,
         output_tokens: u64,
+        remote_kv: bool,
         stats: &mut Stats,
     ) -> Result<(Option<GaugeGuard>, Pace), ApiError> {
         let time = &self.shared.time;
+        if remote_kv {
+            // The prefilled KV cache comes over the network first (not GPU
+            // work): its size grows with the prompt.
+            let ms = self.shared.config.kv_transfer_ms_per_ktoken * analysis.prompt_tokens() as f64 / 1000.0;
+            tokio::time::sleep(time.wall(ms)).await;
+            stats.kv_transfer_ms = ms;
+        }
         let (decoder, pace) = match (time.decode_model, output_tokens > 1) {
             (DecodeModel::Queued, true) => {
                 let (d, rx) = Decoder::new(output_tokens - 1);
@@ -688,6 +759,7 @@ impl Instance {
                 .map(|i| (i.pixel_hash, i.visual_tokens))
                 .collect(),
             prompt_tokens: analysis.prompt_tokens(),
+            remote_kv,
             decoder,
             started: Some(started_tx),
             done: done_tx,
@@ -703,7 +775,9 @@ impl Instance {
         stats.hits = done.hits;
         stats.encode_ms = done.encode_ms;
         stats.prefill_ms = done.prefill_ms;
-        stats.queue_ms = (self.emulated_ms(enqueued.elapsed()) - done.encode_ms - done.prefill_ms).max(0.0);
+        stats.queue_ms =
+            (self.emulated_ms(enqueued.elapsed()) - done.encode_ms - done.prefill_ms - stats.kv_transfer_ms)
+                .max(0.0);
         Ok((Some(running), pace))
     }
 
@@ -756,6 +830,13 @@ impl Instance {
         entry.prompt_tokens = usage.prompt_tokens;
         entry.completion_tokens = usage.completion_tokens;
         entry.ttft_ms = Some(served.stats.ttft_ms);
+        entry.kv_transfer.clone_from(&served.kv_transfer);
+        // A split's prefill opens the transfer its decode will take.
+        let opened = (self.role == RoleKind::Prefill && served.analysis.params.remote_decode())
+            .then(|| self.open_transfer(&meta, usage.prompt_tokens));
+        if let Some((id, _)) = &opened {
+            entry.kv_transfer = Some(id.clone());
+        }
         let (seed, key) = (self.shared.config.seed, served.analysis.body_hash);
         let time = self.shared.time.clone();
         let first = served.first_token_at;
@@ -777,7 +858,10 @@ impl Instance {
                 return resp;
             }
             let content = openai::text(seed, key, served.output_tokens);
-            let body = openai::completion(&meta, &content, served.finish, usage);
+            let mut body = openai::completion(&meta, &content, served.finish, usage);
+            if let (Some((_, params)), Some(obj)) = (opened, body.as_object_mut()) {
+                obj.insert("kv_transfer_params".into(), params);
+            }
             self.finish(&served, arrival, entry);
             let mut resp = json_response(200, body.to_string().into_bytes());
             self.stats_headers(&mut resp, Some(&served.analysis), &served.stats);
@@ -836,6 +920,31 @@ impl Instance {
             drop(served.running);
         });
         resp
+    }
+
+    /// Opens a KV transfer for a prefilled request: its id (the response
+    /// id's 32 hex digits) and the `kv_transfer_params` decode needs, in
+    /// the shape vLLM's NIXL connector answers with.
+    fn open_transfer(&self, meta: &Meta, prompt_tokens: u64) -> (String, serde_json::Value) {
+        let hex = meta.id.trim_start_matches("chatcmpl-");
+        let key = u128::from_str_radix(hex, 16).unwrap_or_default();
+        if let Err(e) = self.shared.transfers.insert(key) {
+            eprintln!("vlm-emulator: {e}");
+        }
+        let id = format!("{key:032x}");
+        let blocks: Vec<u64> = (0..prompt_tokens.div_ceil(16)).collect();
+        let port = self.shared.config.prefill_port;
+        let params = serde_json::json!({
+            "do_remote_prefill": true,
+            "do_remote_decode": false,
+            "remote_engine_id": format!("emulator-prefill-{:x}", self.shared.config.seed),
+            "remote_block_ids": blocks,
+            "remote_host": self.shared.config.host,
+            "remote_port": port,
+            "tp_size": 1,
+            "transfer_id": id,
+        });
+        (id, params)
     }
 
     /// Records a request that produced all its tokens.

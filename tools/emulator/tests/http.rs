@@ -847,3 +847,88 @@ fn binary_logs_its_ports_and_serves() {
         .and_then(|ms| ms.parse::<f64>().ok());
     assert!(ready_ms.is_some_and(|ms| ms >= 0.0), "{line}");
 }
+
+/// The prefill/decode split: prefill answers with the params of a KV
+/// transfer, decode takes only transfers prefill opened and charges their
+/// transfer time instead of a prefill.
+#[test]
+fn a_split_hands_the_kv_cache_from_prefill_to_decode() {
+    let emu = Emu::start(&[
+        "--role",
+        "split",
+        "--prefill-port",
+        "0",
+        "--time-scale",
+        "0.05",
+        "--kv-transfer-ms-per-ktoken",
+        "100",
+    ]);
+    let (enc, dec) = (emu.encode(), emu.pd());
+    let pre = emu.running.prefill_addr.expect("prefill role");
+    let x = png(448, 448, 9);
+    let r = chat(enc, &request(&[&x], json!({"max_tokens": 1})), "s1");
+    assert_eq!(r.header("x-emulator-ec-cache"), Some("miss"));
+    let open = json!({"do_remote_decode": true, "do_remote_prefill": false, "remote_engine_id": null,
+        "remote_block_ids": null, "remote_host": null, "remote_port": null});
+    let r = chat(
+        pre,
+        &request(
+            &[&x],
+            json!({"max_tokens": 1, "stream": false, "kv_transfer_params": open}),
+        ),
+        "s1",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-emulator-role"), Some("prefill"));
+    assert_eq!(r.header("x-emulator-ec-cache"), Some("hit"));
+    let kv = r.json()["kv_transfer_params"].clone();
+    assert_eq!(
+        (&kv["do_remote_prefill"], &kv["do_remote_decode"]),
+        (&json!(true), &json!(false))
+    );
+    // 268 prompt tokens in blocks of 16.
+    assert_eq!(kv["remote_block_ids"].as_array().map(Vec::len), Some(17));
+    let id = kv["transfer_id"].as_str().expect("transfer id").to_string();
+
+    // Decode with the params: no encoder, no prefill, the transfer charged.
+    let body = request(&[&x], json!({"max_tokens": 3, "kv_transfer_params": kv}));
+    let r = chat(dec, &body, "s1");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-emulator-role"), Some("decode"));
+    assert_eq!(r.header("x-emulator-ec-cache"), Some("none"));
+    assert_eq!(r.ms("x-emulator-encode-ms"), 0.0);
+    let transfer = r.ms("x-emulator-kv-transfer-ms");
+    assert!((transfer - 26.8).abs() < 1e-9, "{transfer}");
+    assert!(r.ms("x-emulator-ttft-ms") >= transfer);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+
+    // A transfer prefill never opened is refused.
+    let mut forged = kv.clone();
+    forged["transfer_id"] = json!("0123456789abcdef0123456789abcdef");
+    let r = chat(dec, &request(&[&x], json!({"kv_transfer_params": forged})), "s2");
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["code"], "unknown_kv_transfer");
+    let mut none = kv.clone();
+    none.as_object_mut().map(|o| o.remove("transfer_id"));
+    let r = chat(dec, &request(&[&x], json!({"kv_transfer_params": none})), "s3");
+    assert_eq!(r.status, 400);
+    // Without the handshake decode prefills the request itself (a proxy's
+    // fallback), and so does prefill serve a plain request.
+    let r = chat(dec, &request(&[&x], json!({"max_tokens": 2})), "s4");
+    assert_eq!(r.status, 200);
+    assert!(r.ms("x-emulator-prefill-ms") > 0.0);
+    assert_eq!(r.header("x-emulator-ec-cache"), Some("hit"));
+    let r = chat(pre, &request(&[], json!({"max_tokens": 1})), "s5");
+    assert!(r.json().get("kv_transfer_params").is_none());
+
+    let log = debug_log(dec);
+    let by_id = |rid: &str, role: &str| {
+        log.iter()
+            .find(|e| e["request_id"] == rid && e["role"] == role)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert_eq!(by_id("s1", "prefill")["kv_transfer"], json!(id));
+    assert_eq!(by_id("s1", "decode")["kv_transfer"], json!(id));
+    assert_eq!(by_id("s2", "decode")["error"], "unknown_kv_transfer");
+}
