@@ -653,9 +653,10 @@ impl RequestFilter {
         }
     }
 
-    /// A dispatched call answered: the prefill call or an encode call
-    /// (`status`: the HTTP status, `None` when the call itself failed;
-    /// `body_size`: the size of the answer's body).
+    /// A dispatched call answered: a transcode call, the prefill call or an
+    /// encode call, by the state the request is in (`status`: the HTTP
+    /// status, `None` when the call itself failed; `body_size`: the size of
+    /// the answer's body).
     pub fn on_call_response(
         &mut self,
         host: &mut dyn HttpHost,
@@ -664,10 +665,11 @@ impl RequestFilter {
         status: Option<u32>,
         body_size: usize,
     ) -> Verdict {
-        if matches!(self.state, State::Prefilling(_)) {
-            return self.on_prefill_response(host, svc, token, status, body_size);
+        match self.state {
+            State::Transcoding(_) => self.on_transcode_response(host, svc, token, status, body_size),
+            State::Prefilling(_) => self.on_prefill_response(host, svc, token, status, body_size),
+            _ => self.on_encode_response(host, svc, token, status),
         }
-        self.on_encode_response(host, svc, token, status)
     }
 
     /// The prefill call answered: its `kv_transfer_params` go into the
@@ -972,12 +974,6 @@ impl RequestFilter {
         self.proceed(host, svc, report, timed, enc.prefill, resume)
     }
 
-    /// Whether the request waits for the transcode service: call answers
-    /// go to [`Self::on_transcode_response`].
-    pub fn transcoding(&self) -> bool {
-        matches!(self.state, State::Transcoding(_))
-    }
-
     /// Sends each image of the plan to the transcode service; the request
     /// waits for the answers. A dispatch the host refuses leaves its image
     /// to the filter.
@@ -1023,7 +1019,7 @@ impl RequestFilter {
 
     /// A transcode call answered (`status`: the HTTP status, `None` when the
     /// call itself failed; `body_size`: bytes of its body).
-    pub fn on_transcode_response(
+    fn on_transcode_response(
         &mut self,
         host: &mut dyn HttpHost,
         svc: &dyn Services,
@@ -2340,7 +2336,7 @@ mod tests {
         let body = photos_body();
         let (mut f, mut h, m, v) = start(cfg.clone(), &body, false);
         assert_eq!(v, Verdict::Pause, "waits for the service");
-        assert!(f.transcoding());
+        assert!(matches!(f.state, State::Transcoding(_)));
         assert_eq!(h.transcodes.len(), 2, "one call per image over budget");
         assert!(h.body == body.as_bytes(), "nothing replaced yet");
         let answers: Vec<Vec<u8>> = (0..2).map(|n| service_answer(&h, n)).collect();
@@ -2353,13 +2349,13 @@ mod tests {
         assert_eq!(h.resumed, 0);
         // A stray token changes nothing.
         f.on_transcode_response(&mut h, &m, 9, Some(200), 0);
-        assert!(f.transcoding() && h.resumed == 0);
+        assert!(matches!(f.state, State::Transcoding(_)) && h.resumed == 0);
         assert_eq!(
             answer_call(&mut f, &mut h, &m, 0, Some(200), answers[0].clone()),
             Verdict::Continue
         );
         assert_eq!(h.resumed, 1);
-        assert!(!f.transcoding());
+        assert!(!matches!(f.state, State::Transcoding(_)));
         assert_eq!(
             h.body,
             in_filter_body(&cfg, &body),
@@ -2559,7 +2555,7 @@ mod tests {
         let mut f = filter(dynamic);
         f.on_request_headers(&mut h, &m, false);
         assert_eq!(f.on_request_body(&mut h, &m, body.len(), true), Verdict::Pause);
-        assert!(f.transcoding() && !h.transcodes.is_empty());
+        assert!(matches!(f.state, State::Transcoding(_)) && !h.transcodes.is_empty());
         assert!(
             m.state().encode_outstanding_us > backlog,
             "reserved at the decision"

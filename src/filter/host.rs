@@ -75,11 +75,11 @@ pub trait HttpHost {
     fn set_request_header(&mut self, name: &str, value: &str);
     /// A new unique request id.
     fn new_request_id(&mut self) -> String;
-    /// Dispatches an encode call; its answer comes to
-    /// `RequestFilter::on_encode_response` with the returned token.
+    /// Dispatches an encode or prefill call; its answer comes to
+    /// `RequestFilter::on_call_response` with the returned token.
     fn dispatch(&mut self, call: &EncodeCall<'_>) -> Result<u32, String>;
     /// Dispatches a transcode call; its answer comes to
-    /// `RequestFilter::on_transcode_response` with the returned token.
+    /// `RequestFilter::on_call_response` with the returned token.
     fn dispatch_transcode(&mut self, call: &TranscodeCall<'_>) -> Result<u32, String>;
     /// The body of the call answer being delivered, `[0, size)`.
     fn call_response_body(&self, size: usize) -> Option<Vec<u8>>;

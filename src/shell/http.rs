@@ -94,11 +94,6 @@ impl Context for Http {
             .ok()
             .flatten()
             .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u32>().ok());
-        if self.filter.transcoding() {
-            self.filter
-                .on_transcode_response(&mut self.host, self.services.as_ref(), token, status, body);
-            return;
-        }
         self.filter
             .on_call_response(&mut self.host, self.services.as_ref(), token, status, body);
     }
@@ -108,6 +103,34 @@ impl Context for Http {
         self.filter.on_done(self.services.as_ref());
         true
     }
+}
+
+/// POSTs `body` to `cluster` with the given pseudo-headers, content type and
+/// extra headers; the call's token, or why the host refused it.
+fn post(
+    cluster: &str,
+    path: &str,
+    authority: &str,
+    content_type: &str,
+    extra: &[(&str, &str)],
+    body: &[u8],
+    timeout_ms: u64,
+) -> Result<u32, String> {
+    let mut headers = vec![
+        (":method", "POST"),
+        (":path", path),
+        (":authority", authority),
+        ("content-type", content_type),
+    ];
+    headers.extend_from_slice(extra);
+    hostcalls::dispatch_http_call(
+        cluster,
+        headers,
+        Some(body),
+        vec![],
+        Duration::from_millis(timeout_ms),
+    )
+    .map_err(|e| format!("{e:?}"))
 }
 
 fn action(v: Verdict) -> Action {
@@ -260,38 +283,28 @@ impl HttpHost for ProxyHost {
         format!("vlmb-{nanos:016x}-{:08x}-{seq:x}", self.context_id)
     }
     fn dispatch(&mut self, call: &EncodeCall<'_>) -> Result<u32, String> {
-        let headers = vec![
-            (":method", "POST"),
-            (":path", call.path),
-            (":authority", call.authority),
-            ("content-type", "application/json"),
-            ("x-request-id", call.request_id),
-        ];
-        hostcalls::dispatch_http_call(
+        let extra = [("x-request-id", call.request_id)];
+        post(
             call.cluster,
-            headers,
-            Some(call.body),
-            vec![],
-            Duration::from_millis(call.timeout_ms),
+            call.path,
+            call.authority,
+            "application/json",
+            &extra,
+            call.body,
+            call.timeout_ms,
         )
-        .map_err(|e| format!("{e:?}"))
     }
     fn dispatch_transcode(&mut self, call: &TranscodeCall<'_>) -> Result<u32, String> {
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", call.path),
-            (":authority", call.authority),
-            ("content-type", call.content_type),
-        ];
-        headers.extend(call.headers.iter().map(|(k, v)| (*k, v.as_str())));
-        hostcalls::dispatch_http_call(
+        let extra: Vec<(&str, &str)> = call.headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        post(
             call.cluster,
-            headers,
-            Some(call.body),
-            vec![],
-            Duration::from_millis(call.timeout_ms),
+            call.path,
+            call.authority,
+            call.content_type,
+            &extra,
+            call.body,
+            call.timeout_ms,
         )
-        .map_err(|e| format!("{e:?}"))
     }
     fn call_response_body(&self, size: usize) -> Option<Vec<u8>> {
         warn_err(
