@@ -43,31 +43,6 @@ PHOTOS = ["the-mouse.jpg", "2004default.jpg", "firstgeneration.jpg", "string.jpg
 TRANSCODER = ROOT / "target/release/vlm-transcode"
 
 
-def direct_response_config(port: int, admin_port: int) -> dict:
-    """The upstream: an Envoy answering every request with a small JSON."""
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {"listeners": [{
-            "name": "fast_upstream",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                             "http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": "fast_upstream",
-                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
-                        "match": {"prefix": "/"},
-                        "direct_response": {"status": 200, "body": {"inline_string": '{"object":"chat.completion"}'}},
-                    }]}]},
-                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                },
-            }]}],
-        }]},
-    }
-
-
 def filter_config(plugin: dict, upstream_port: int, listen: int, admin: int, transcode_port: int) -> dict:
     cfg = harness.render_config(plugin, upstream_port, listen, admin, harness.WASM)
     cfg["static_resources"]["clusters"].append({
@@ -250,7 +225,7 @@ def main() -> int:
         work = Path(tmp)
         try:
             up_port, up_admin = harness.free_port(), harness.free_port()
-            started.append(envoy(direct_response_config(up_port, up_admin), work, "upstream", up_admin))
+            started.append(envoy(harness.direct_response_config(up_port, up_admin), work, "upstream", up_admin))
             svc_port = harness.free_port()
             svc = Proc([str(TRANSCODER), "--listen", f"127.0.0.1:{svc_port}", "--threads",
                         str(args.service_threads)], work / "transcode.log")

@@ -206,31 +206,6 @@ def envoy_config(wasm: Path, plugin: dict, upstream_port: int, fast_port: int, f
     return cfg
 
 
-def direct_response_config(port: int, admin_port: int) -> dict:
-    """A minimal upstream: Envoy answering every request with a small JSON."""
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {"listeners": [{
-            "name": "fast_upstream",
-            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [{"filters": [{
-                "name": "envoy.filters.network.http_connection_manager",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                             "http_connection_manager.v3.HttpConnectionManager",
-                    "stat_prefix": "fast_upstream",
-                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
-                        "match": {"prefix": "/"},
-                        "direct_response": {"status": 200, "body": {"inline_string": '{"object":"chat.completion"}'}},
-                    }]}]},
-                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                },
-            }]}],
-        }]},
-    }
-
-
 class EnvoyProc:
     """One Envoy process, one worker thread, in its own session."""
 
@@ -520,7 +495,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="bench-image-"))
     fast_port, fast_admin, filtered_port, plain_port, admin_port, null_port, strict_port = (
         harness.free_port() for _ in range(7))
-    fast = EnvoyProc(direct_response_config(fast_port, fast_admin), workdir, fast_admin, "upstream")
+    fast = EnvoyProc(harness.direct_response_config(fast_port, fast_admin), workdir, fast_admin, "upstream")
     envoy = EnvoyProc(envoy_config(args.wasm, plugin, upstream.port, fast_port, filtered_port, plain_port,
                                    admin_port, args.null_wasm, null_port, strict_port), workdir, admin_port,
                      "envoy")

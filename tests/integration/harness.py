@@ -170,6 +170,32 @@ def render_config(plugin_config: dict | None, upstream_port: int, listen_port: i
     return cfg
 
 
+def direct_response_config(port: int, admin_port: int) -> dict:
+    """A minimal upstream for benchmarks: an Envoy answering every request
+    with a small JSON."""
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": [{
+            "name": "fast_upstream",
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                             "http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": "fast_upstream",
+                    "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{
+                        "match": {"prefix": "/"},
+                        "direct_response": {"status": 200, "body": {"inline_string": '{"object":"chat.completion"}'}},
+                    }]}]},
+                    "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                },
+            }]}],
+        }]},
+    }
+
+
 class Envoy:
     def __init__(self, config: dict, workdir: pathlib.Path, admin_port: int, listen_port: int,
                  concurrency: int = 2, log_level: str = "warn", wasm_level: str = "info"):
